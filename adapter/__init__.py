@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API (NIM-style) in front of Triton's `ensemble` model."""

@@ -1,0 +1,137 @@
+"""The FastAPI application: lifespan (engine and tokenizer, once), routes (a few lines each), error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from adapter.engine import Engine
+from adapter.errors import ModelNotFoundError, install_exception_handlers
+from adapter.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from adapter.serving_base import ServedModel
+from adapter.serving_chat import ChatRenderer, OpenAIServingChat
+from adapter.serving_completion import OpenAIServingCompletion
+from adapter.settings import Settings
+
+logger = logging.getLogger("adapter.app")
+
+router = APIRouter()
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _chat(request: Request) -> OpenAIServingChat:
+    return request.app.state.serving_chat
+
+
+def _completion(request: Request) -> OpenAIServingCompletion:
+    return request.app.state.serving_completion
+
+
+def _model(request: Request) -> ServedModel:
+    return request.app.state.served_model
+
+
+@router.get("/v1/health/live")
+async def health_live() -> dict:
+    return {"status": "live"}
+
+
+@router.get("/v1/health/ready")
+async def health_ready(engine: Engine = Depends(_engine)) -> Response:
+    if await engine.is_ready():
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "not ready"}, status_code=503)
+
+
+@router.get("/v1/models")
+async def list_models(model: ServedModel = Depends(_model)) -> dict:
+    return ModelList(data=[_card(model)]).model_dump(mode="json")
+
+
+@router.get("/v1/models/{name:path}")
+async def retrieve_model(name: str, model: ServedModel = Depends(_model)) -> dict:
+    if name != model.name:
+        raise ModelNotFoundError(name)
+    return _card(model).model_dump(mode="json")
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest, raw: Request, serving: OpenAIServingChat = Depends(_chat)
+) -> Response:
+    return await serving.create(body, raw)
+
+
+@router.post("/v1/completions")
+async def create_completion(
+    body: CompletionRequest, raw: Request, serving: OpenAIServingCompletion = Depends(_completion)
+) -> Response:
+    return await serving.create(body, raw)
+
+
+def _card(model: ServedModel) -> ModelCard:
+    return ModelCard(id=model.name, created=model.created, root=model.name, max_model_len=model.max_model_len)
+
+
+def load_tokenizer(settings: Settings) -> Any | None:
+    if settings.model_dir is None:
+        logger.warning("MODEL_DIR is not set: no tokenizer, so no chat template and no logprob token texts")
+        return None
+    from tokenization.tokenizer import Tokenizer  # noqa: PLC0415 - heavy import, only when serving a model
+
+    return Tokenizer.from_dir(settings.model_dir)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    tokenizer: Any | None = None,
+    render: ChatRenderer | None = None,
+) -> FastAPI:
+    """The app; `engine`, `tokenizer` and `render` replace the real ones (tests)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        the_engine = engine
+        if the_engine is None:
+            from adapter.triton_engine import TritonEngine  # noqa: PLC0415 - tests run without Triton
+
+            the_engine = TritonEngine(
+                settings.triton_grpc_url,
+                settings.triton_model_name,
+                settings.triton_engine_model_name,
+                ready_timeout_s=settings.triton_health_timeout_s,
+            )
+        the_tokenizer = tokenizer if tokenizer is not None else await asyncio.to_thread(load_tokenizer, settings)
+        chat_template = settings.chat_template_override() or getattr(the_tokenizer, "chat_template", None)
+        served = ServedModel(
+            name=settings.model_name,
+            max_model_len=settings.resolved_max_model_len(),
+            root=str(settings.model_dir) if settings.model_dir else None,
+        )
+        app.state.settings = settings
+        app.state.engine = the_engine
+        app.state.served_model = served
+        app.state.serving_chat = OpenAIServingChat(the_engine, served, the_tokenizer, chat_template, render)
+        app.state.serving_completion = OpenAIServingCompletion(the_engine, served, the_tokenizer)
+        logger.info("serving %s from Triton at %s (model %s)", served.name, settings.triton_grpc_url,
+                    settings.triton_model_name)
+        try:
+            yield
+        finally:
+            await the_engine.close()
+
+    app = FastAPI(title="OpenAI-compatible LLM API", lifespan=lifespan)
+    install_exception_handlers(app)
+    app.include_router(router)
+    return app

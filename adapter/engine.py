@@ -1,0 +1,63 @@
+"""The adapter's one interface to whatever generates tokens (Triton's ensemble in production, a fake in tests).
+
+`GenerationParams` is what an API request becomes (see `protocol.SamplingRequest.to_generation_params`), and
+`EngineChunk` is one streamed piece of the answer. The serving layers know only these and `Engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Engine parameters of one request; None means "not sent: the engine's default"."""
+
+    max_tokens: int | None = None  # None: as many as the context leaves (sent as 0, our ensemble's extension)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    min_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    add_special_tokens: bool | None = None
+    return_log_probs: bool = False
+    top_logprobs: int | None = None  # alternatives per position (with return_log_probs)
+    stream: bool = True  # one engine response per step, or one at the end
+
+
+@dataclass
+class EngineChunk:
+    """One engine response: the new text and tokens since the previous one, and the running counts."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob) alternatives
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last response, else None
+    stop_reason: str | None = None  # the stop string or end token id (as text) that ended it
+    num_input_tokens: int | None = None
+    num_output_tokens: int | None = None  # cumulative
+    cum_log_prob: float | None = None
+
+
+class Engine(Protocol):
+    def generate(self, request_id: str, prompt: str | list[int], params: GenerationParams) -> AsyncIterator[EngineChunk]:
+        """Stream the answer; closing the iterator early cancels the request in the engine."""
+        ...
+
+    async def cancel(self, request_id: str) -> None: ...
+
+    async def is_ready(self) -> bool: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,188 @@
+"""`/v1/chat/completions`: messages through the chat template, then the engine; whole or streamed."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from adapter.engine import Engine, EngineChunk
+from adapter.errors import BadRequestError
+from adapter.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionLogProb,
+    ChatCompletionLogProbs,
+    ChatCompletionLogProbsContent,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionStreamChoice,
+    ChatResponseMessage,
+    DeltaMessage,
+    UsageInfo,
+)
+from adapter.serving_base import (
+    OpenAIServing,
+    RequestProgress,
+    ServedModel,
+    TokenizerLike,
+    chained,
+    clamp_logprob,
+    first_chunk,
+    run_until_disconnected,
+)
+from adapter.sse import sse_response
+
+logger = logging.getLogger("adapter.chat")
+
+# render(template, messages, *, add_generation_prompt, continue_final_message, bos_token, eos_token, tools, **kw)
+ChatRenderer = Callable[..., str]
+_RENDER_ARGS = {"add_generation_prompt", "continue_final_message", "bos_token", "eos_token", "tools", "messages"}
+
+
+def default_renderer() -> ChatRenderer:
+    from tokenization.chat_template import render_chat  # noqa: PLC0415 - the tokenization package is optional here
+
+    return render_chat
+
+
+class OpenAIServingChat(OpenAIServing):
+    def __init__(
+        self,
+        engine: Engine,
+        model: ServedModel,
+        tokenizer: TokenizerLike | None,
+        chat_template: str | None,
+        render: ChatRenderer | None = None,
+    ):
+        super().__init__(engine, model, tokenizer)
+        self.chat_template = chat_template
+        self._render = render
+
+    async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_model(request.model)
+        params = request.to_generation_params(add_special_tokens=False)  # the template already has BOS
+        prompt = self.render_prompt(request)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = self.engine.generate(request_id, prompt, params)
+        progress = RequestProgress(params)
+        if request.stream:
+            first = await first_chunk(stream)
+            return sse_response(self._chunks(request, request_id, progress, chained(first, stream)))
+        return await run_until_disconnected(raw, self._whole(request, request_id, progress, stream))
+
+    def render_prompt(self, request: ChatCompletionRequest) -> str:
+        if self.chat_template is None:
+            raise BadRequestError(
+                f"The model `{self.model.name}` has no chat template: start the server with NIM_CHAT_TEMPLATE "
+                "naming a Jinja file, or use /v1/completions.",
+                param="messages",
+            )
+        render = self._render or default_renderer()
+        extra = {k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in _RENDER_ARGS}
+        try:
+            return render(
+                self.chat_template,
+                request.template_messages(),
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                bos_token=_special_token(self.tokenizer, "bos"),
+                eos_token=_special_token(self.tokenizer, "eos"),
+                tools=request.tools,
+                **extra,
+            )
+        except ValueError as exc:  # tokenization.chat_template.ChatTemplateError, raise_exception() in templates
+            raise BadRequestError(str(exc), param="messages") from None
+
+    async def _whole(
+        self, request: ChatCompletionRequest, request_id: str, progress: RequestProgress,
+        stream: AsyncIterator[EngineChunk],
+    ) -> Response:
+        text: list[str] = []
+        logprobs: list[ChatCompletionLogProbsContent] | None = [] if request.logprobs else None
+        async with aclosing(stream):
+            async for chunk in stream:
+                progress.update(chunk)
+                text.append(chunk.text)
+                if logprobs is not None:
+                    logprobs.extend(self.logprobs_content(chunk, request.top_logprobs or 0))
+        response = ChatCompletionResponse(
+            id=request_id,
+            model=self.model.name,
+            system_fingerprint=self.model.system_fingerprint,
+            choices=[
+                ChatCompletionResponseChoice(
+                    message=ChatResponseMessage(content="".join(text)),
+                    logprobs=ChatCompletionLogProbs(content=logprobs) if logprobs is not None else None,
+                    finish_reason=progress.finish_reason(),
+                    stop_reason=progress.stop_reason(),
+                )
+            ],
+            usage=progress.usage(),
+        )
+        return JSONResponse(response.model_dump(mode="json"))
+
+    async def _chunks(
+        self, request: ChatCompletionRequest, request_id: str, progress: RequestProgress,
+        stream: AsyncIterator[EngineChunk],
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        created = int(time.time())
+
+        def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=request_id, created=created, model=self.model.name,
+                system_fingerprint=self.model.system_fingerprint, choices=choices, usage=usage,
+            )
+
+        yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+        async with aclosing(stream):
+            async for engine_chunk in stream:
+                progress.update(engine_chunk)
+                logprobs = None
+                if request.logprobs and engine_chunk.token_ids:
+                    content = self.logprobs_content(engine_chunk, request.top_logprobs or 0)
+                    logprobs = ChatCompletionLogProbs(content=content)
+                if engine_chunk.text or logprobs is not None:
+                    yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(content=engine_chunk.text),
+                                                            logprobs=logprobs)])
+        yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(), finish_reason=progress.finish_reason(),
+                                                stop_reason=progress.stop_reason())])
+        if request.include_usage:
+            yield chunk([], usage=progress.usage())
+
+    def logprobs_content(self, chunk: EngineChunk, top_n: int) -> list[ChatCompletionLogProbsContent]:
+        content = []
+        for i, token_id in enumerate(chunk.token_ids):
+            token = self.token_text(token_id)
+            logprob = chunk.log_probs[i] if chunk.log_probs and i < len(chunk.log_probs) else None
+            alternatives = chunk.top_logprobs[i] if chunk.top_logprobs and i < len(chunk.top_logprobs) else []
+            content.append(
+                ChatCompletionLogProbsContent(
+                    token=token,
+                    logprob=clamp_logprob(logprob) if logprob is not None else 0.0,
+                    bytes=list(token.encode("utf-8")),
+                    top_logprobs=[
+                        ChatCompletionLogProb(token=(alt := self.token_text(alt_id)), logprob=clamp_logprob(value),
+                                              bytes=list(alt.encode("utf-8")))
+                        for alt_id, value in alternatives[:top_n]
+                    ],
+                )
+            )
+        return content
+
+
+def _special_token(tokenizer: Any, kind: str) -> str | None:
+    """The tokenizer's BOS/EOS text, whatever the attribute is called."""
+    if tokenizer is None:
+        return None
+    for name in (f"{kind}_token", f"{kind}_token_text", f"{kind}_text"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, str):
+            return value
+    return None

@@ -1,0 +1,318 @@
+"""The only code that knows Triton: OpenAI-free `GenerationParams` in, `EngineChunk`s out, over gRPC streaming.
+
+One `tritonclient.grpc.aio.InferenceServerClient` (one channel) is shared by all requests. Each request is one
+bidirectional `ModelStreamInfer` stream to the `ensemble` carrying one request with
+`triton_enable_empty_final_response`, so the end of a request is always marked by Triton's final flag.
+
+Cancellation: closing a gRPC stream does not reach a model behind an ensemble, so when a caller stops reading
+before the final response (client disconnect), a `stop = true` request with the same request id is sent to the
+engine model, as TensorRT-LLM's backend expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferResult, service_pb2
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
+
+from adapter.engine import EngineChunk, GenerationParams
+from adapter.errors import (
+    APIError,
+    BadRequestError,
+    EngineInternalError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+)
+
+logger = logging.getLogger("adapter.triton")
+
+Tensors = dict[str, np.ndarray]
+
+# --- request tensors ----------------------------------------------------------------------------------------
+
+# GenerationParams field -> (ensemble input, numpy dtype) for the optional scalars; None values are not sent.
+_OPTIONAL_SCALARS: tuple[tuple[str, str, type], ...] = (
+    ("temperature", "temperature", np.float32),
+    ("top_p", "top_p", np.float32),
+    ("top_k", "top_k", np.int32),
+    ("min_p", "min_p", np.float32),
+    ("presence_penalty", "presence_penalty", np.float32),
+    ("frequency_penalty", "frequency_penalty", np.float32),
+    ("repetition_penalty", "repetition_penalty", np.float32),
+    ("min_tokens", "min_tokens", np.int32),
+    ("ignore_eos", "ignore_eos", np.bool_),
+    ("skip_special_tokens", "skip_special_tokens", np.bool_),
+    ("include_stop_str_in_output", "include_stop_str_in_output", np.bool_),
+    ("add_special_tokens", "add_special_tokens", np.bool_),
+)
+
+
+def _scalar(value, dtype) -> np.ndarray:
+    return np.array([[value]], dtype=dtype)
+
+
+def ensemble_inputs(prompt: str | list[int], params: GenerationParams) -> Tensors:
+    """The `ensemble` input tensors of one request (batch dimension 1), as docs/tensors.md defines them."""
+    tensors: Tensors = {}
+    if isinstance(prompt, str):
+        tensors["text_input"] = np.array([[prompt.encode("utf-8")]], dtype=np.object_)
+    else:
+        tensors["text_input"] = np.array([[b""]], dtype=np.object_)  # required; ignored with input_token_ids
+        tensors["input_token_ids"] = np.array([list(prompt)], dtype=np.int32)
+    # max_tokens <= 0 is our ensemble's "as many as the context leaves".
+    tensors["max_tokens"] = _scalar(params.max_tokens or 0, np.int32)
+    tensors["stream"] = _scalar(params.stream, np.bool_)
+    tensors["exclude_input_in_output"] = _scalar(True, np.bool_)
+    for field, name, dtype in _OPTIONAL_SCALARS:
+        value = getattr(params, field)
+        if value is not None:
+            tensors[name] = _scalar(value, dtype)
+    if params.seed is not None:
+        tensors["seed"] = _scalar(params.seed % 2**64, np.uint64)
+    if params.stop:
+        tensors["stop_words"] = np.array([[s.encode("utf-8") for s in params.stop]], dtype=np.object_)
+    if params.stop_token_ids:
+        tensors["stop_token_ids"] = np.array([list(params.stop_token_ids)], dtype=np.int32)
+    if params.return_log_probs:
+        tensors["return_log_probs"] = _scalar(True, np.bool_)
+        tensors["top_logprobs"] = _scalar(params.top_logprobs or 0, np.int32)
+    return tensors
+
+
+def stop_request_inputs() -> Tensors:
+    """The minimal `tensorrt_llm` request that cancels the running request of the same id."""
+    return {
+        "input_ids": np.array([[0]], dtype=np.int32),
+        "input_lengths": np.array([[1]], dtype=np.int32),
+        "request_output_len": np.array([[1]], dtype=np.int32),
+        "stop": np.array([[True]], dtype=np.bool_),
+    }
+
+
+def infer_request(model_name: str, request_id: str, tensors: Tensors) -> service_pb2.ModelInferRequest:
+    """A KServe v2 request with raw tensor contents and Triton's empty-final-response flag."""
+    request = service_pb2.ModelInferRequest(model_name=model_name, id=request_id)
+    for name, array in tensors.items():
+        tensor = request.inputs.add()
+        tensor.name = name
+        tensor.datatype = np_to_triton_dtype(array.dtype)
+        tensor.shape.extend(array.shape)
+        if array.dtype == np.object_:
+            raw = serialize_byte_tensor(array)  # a 0-d object array holding the encoded bytes
+            request.raw_input_contents.append(raw.item() if raw.size else b"")
+        else:
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    # tritonclient's aio stream_infer cannot set this ("triton_" parameters are reserved there).
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
+# --- response tensors ---------------------------------------------------------------------------------------
+
+
+def _first_str(array: np.ndarray | None) -> str | None:
+    if array is None or array.size == 0:
+        return None
+    value = array.reshape(-1)[0]
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _first_int(array: np.ndarray | None) -> int | None:
+    return None if array is None or array.size == 0 else int(array.reshape(-1)[0])
+
+
+def parse_outputs(result: InferResult) -> EngineChunk:
+    """One ensemble response as an EngineChunk; outputs that are absent read as empty."""
+    token_ids = result.as_numpy("output_token_ids")
+    ids = [int(t) for t in token_ids.reshape(-1)] if token_ids is not None else []
+    log_probs = result.as_numpy("output_log_probs")  # [1, beam, tokens]
+    top_ids = result.as_numpy("top_logprob_ids")  # [1, tokens, N]
+    top_values = result.as_numpy("top_logprob_values")
+    top: list[list[tuple[int, float]]] | None = None
+    if top_ids is not None and top_values is not None and top_ids.size and top_ids.ndim >= 2:
+        width = top_ids.shape[-1]
+        top = [
+            [(int(i), float(v)) for i, v in zip(row_ids, row_values) if i >= 0]
+            for row_ids, row_values in zip(top_ids.reshape(-1, width), top_values.reshape(-1, width))
+        ]
+    cum = result.as_numpy("cum_log_probs")
+    return EngineChunk(
+        text=_first_str(result.as_numpy("text_output")) or "",
+        token_ids=ids,
+        log_probs=[float(v) for v in log_probs.reshape(-1)] if log_probs is not None and log_probs.size else None,
+        top_logprobs=top,
+        finish_reason=_first_str(result.as_numpy("finish_reason")) or None,
+        stop_reason=_first_str(result.as_numpy("stop_reason")) or None,
+        num_input_tokens=_first_int(result.as_numpy("num_input_tokens")),
+        num_output_tokens=_first_int(result.as_numpy("num_output_tokens")),
+        cum_log_prob=float(cum.reshape(-1)[0]) if cum is not None and cum.size else None,
+    )
+
+
+def _is_final(response: service_pb2.ModelInferResponse) -> bool:
+    params = response.parameters
+    return "triton_final_response" in params and params["triton_final_response"].bool_param
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+# Triton's wrappers around a model's own message: "in ensemble 'ensemble', [request id: x] Failed to process
+# the request(s) for model instance 'preprocessing_0_0', message: InvalidRequest: ...".
+_PREFIXES = re.compile(
+    r"^(?:in ensemble '[^']*',\s*|\[request id: [^\]]*\]\s*|Failed to process the request\(s\) for model "
+    r"(?:instance )?'[^']*', message:\s*|(?:[\w.]+\.)?InvalidRequest:\s*|pb_utils\.TritonError:\s*)+"
+)
+_OVERLOADED = re.compile(r"queue (?:is )?full|maximum queue size|exceeds? .*queue|too many (?:active |pending )?requests"
+                         r"|maximum number of (?:active |in-flight )?requests", re.I)
+_UNAVAILABLE = re.compile(r"unknown model|is not found|not ready|no available version|is unavailable|"
+                          r"server is (?:shutting down|not ready)", re.I)
+# Bad input: Triton's own input checks, and the ensemble's InvalidRequest messages.
+_BAD_INPUT = re.compile(
+    r"InvalidRequest|maximum context length|prompt is empty|out of range|not supported|must be|"
+    r"unexpected (?:inference )?input|unexpected shape|expected .* inputs?|data-?type|input byte size|"
+    r"invalid argument|is not a valid|cannot be|too long|exceeds? the",
+    re.I,
+)
+
+
+def clean_message(message: str) -> str:
+    return _PREFIXES.sub("", message.strip()).strip() or message.strip()
+
+
+def error_from_message(message: str) -> APIError:
+    """A Triton in-stream error (a message only; gRPC streams carry no status) as our typed error."""
+    cleaned = clean_message(message)
+    if _OVERLOADED.search(message):
+        return EngineOverloadedError(cleaned)
+    if _UNAVAILABLE.search(message):
+        return EngineUnavailableError(cleaned)
+    if _BAD_INPUT.search(message):
+        return BadRequestError(cleaned)
+    logger.error("engine error: %s", message)
+    return EngineInternalError()
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError) -> APIError:
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return BadRequestError(clean_message(details))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return EngineOverloadedError(clean_message(details) or "The server is busy; retry shortly.")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED):
+        logger.warning("triton unavailable: %s %s", code.name, details)
+        return EngineUnavailableError()
+    logger.error("triton rpc failed: %s %s", code.name, details)
+    return EngineInternalError()
+
+
+# --- the engine ---------------------------------------------------------------------------------------------
+
+
+class TritonEngine:
+    """Generation through Triton's `ensemble` over one shared gRPC channel."""
+
+    def __init__(
+        self,
+        url: str,
+        model_name: str = "ensemble",
+        engine_model_name: str = "tensorrt_llm",
+        *,
+        ready_timeout_s: float = 2.0,
+        cancel_timeout_s: float = 10.0,
+    ):
+        self.url = url
+        self.model_name = model_name
+        self.engine_model_name = engine_model_name
+        self.ready_timeout_s = ready_timeout_s
+        self.cancel_timeout_s = cancel_timeout_s
+        self._client = InferenceServerClient(url)  # create inside the running event loop (the app's lifespan)
+        self._background: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.cancel_timeout_s)
+        await self._client.close()
+
+    async def is_ready(self) -> bool:
+        """Triton live and the ensemble ready, asked now with a short deadline; any failure reads as not ready."""
+        t = self.ready_timeout_s
+        try:
+            async with asyncio.timeout(t + 0.5):
+                return bool(await self._client.is_server_live(client_timeout=t)) and bool(
+                    await self._client.is_model_ready(self.model_name, client_timeout=t)
+                )
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: GenerationParams
+    ) -> AsyncIterator[EngineChunk]:
+        request = infer_request(self.model_name, request_id, ensemble_inputs(prompt, params))
+        finished = False
+        call, done = self._open_stream(request)
+        try:
+            async for response in call:
+                if response.error_message:
+                    finished = True
+                    raise error_from_message(response.error_message)
+                final = _is_final(response.infer_response)
+                chunk = parse_outputs(InferResult(response.infer_response)) if response.infer_response.outputs else None
+                finished = finished or final or (chunk is not None and chunk.finish_reason is not None)
+                if chunk is not None:
+                    yield chunk
+                if final:
+                    return
+            finished = True  # the server closed the stream: nothing left to cancel
+        except grpc.aio.AioRpcError as exc:
+            finished = True
+            raise error_from_rpc(exc) from None
+        finally:
+            done.set()
+            call.cancel()
+            if not finished:
+                logger.info("request %s abandoned before its end: stopping it in the engine", request_id)
+                self._in_background(self.cancel(request_id))
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the engine model to stop `request_id` (a `stop = true` request with the same id); never raises."""
+        request = infer_request(self.engine_model_name, request_id, stop_request_inputs())
+        call, done = self._open_stream(request)
+        try:
+            async with asyncio.timeout(self.cancel_timeout_s):
+                async for response in call:
+                    if response.error_message:
+                        logger.warning("stop request %s failed: %s", request_id, clean_message(response.error_message))
+                        return
+                    if _is_final(response.infer_response):
+                        return
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            logger.warning("stop request %s got no answer: %s", request_id, exc)
+        finally:
+            done.set()
+            call.cancel()
+
+    def _open_stream(self, request: service_pb2.ModelInferRequest):
+        """One ModelStreamInfer call carrying `request`; the request side stays open until `done` is set."""
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[service_pb2.ModelInferRequest]:
+            yield request
+            await done.wait()
+
+        # The client's own stub: its public stream_infer cannot ask for the empty final response.
+        call = self._client._client_stub.ModelStreamInfer(requests())  # noqa: SLF001
+        return call, done
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+

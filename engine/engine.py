@@ -1,0 +1,331 @@
+"""In-flight batching engine: a background thread that admits waiting requests into free cache slots,
+prefills them one at a time, then runs one batched decode step for every running request."""
+
+import heapq
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import sampling
+from .model import Decoder
+from .params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+@dataclass
+class GenerationOutput:
+    request_id: str
+    token_ids: list[int]  # new tokens since the previous callback (all of them when not streaming)
+    log_probs: list[float] | None = None  # of token_ids, when return_log_probs
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token, when top_logprobs > 0
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    stop_reason: int | list[int] | None = None  # the end id or stop word that ended generation
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative
+    cum_log_prob: float = 0.0  # cumulative; computed only when return_log_probs
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    on_output: Callable[[GenerationOutput], None]
+    generator: torch.Generator | None
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    seen: torch.Tensor | None = None  # prompt + generated, for the repetition penalty
+    counts: torch.Tensor | None = None  # generated-token counts, for presence / frequency penalties
+    cum_log_prob: float = 0.0
+    # produced but not yet delivered
+    out_tokens: list[int] = field(default_factory=list)
+    out_log_probs: list[float] = field(default_factory=list)
+    out_top: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        *,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        max_queue_size: int = 64,
+        dtype: torch.dtype = torch.float32,
+        num_threads: int | None = None,
+    ):
+        self._start(Decoder.from_dir(checkpoint_dir, dtype), max_batch_size, max_seq_len, max_queue_size, num_threads)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Decoder,
+        *,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        max_queue_size: int = 64,
+        num_threads: int | None = None,
+    ) -> "Engine":
+        engine = cls.__new__(cls)
+        engine._start(model, max_batch_size, max_seq_len, max_queue_size, num_threads)
+        return engine
+
+    def _start(self, model: Decoder, max_batch_size, max_seq_len, max_queue_size, num_threads) -> None:
+        if max_batch_size < 1 or max_queue_size < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue_size >= 0")
+        self.model = model
+        self.config = model.config
+        self.max_batch_size = max_batch_size
+        self.max_queue_size = max_queue_size
+        self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
+        self._num_threads = num_threads
+        model.allocate_cache(max_batch_size, self.max_seq_len)
+
+        self._cv = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[int, _Request] = {}  # slot -> request
+        self._live: dict[str, _Request] = {}  # waiting or running, by id
+        self._free_slots = list(range(max_batch_size))  # min-heap: low slots first keeps the batch compact
+        self._cancels: set[str] = set()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # ---- client API (any thread) -----------------------------------------------------------------
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_output: Callable[[GenerationOutput], None],
+    ) -> None:
+        vocab = self.config.vocab_size
+        params.validate(vocab)
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        total = len(prompt) + params.max_new_tokens
+        if total > self.max_seq_len:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{total} tokens ({len(prompt)} in the prompt, {params.max_new_tokens} for the completion). "
+                "Please reduce the length of the prompt or completion."
+            )
+        generator = None
+        if not params.greedy:
+            # One generator per request: its samples do not depend on batch neighbours.
+            generator = torch.Generator()
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:
+                generator.seed()
+        request = _Request(request_id, prompt, params, on_output, generator)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            if request_id in self._live:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if len(self._waiting) >= self.max_queue_size:
+                raise QueueFullError(f"the waiting queue is full ({self.max_queue_size} requests)")
+            self._waiting.append(request)
+            self._live[request_id] = request
+            self._cv.notify()
+
+    def cancel(self, request_id: str) -> bool:
+        """Ask the engine to drop a live request; False when no such request is waiting or running."""
+        with self._cv:
+            if request_id not in self._live:
+                return False
+            self._cancels.add(request_id)
+            self._cv.notify()
+            return True
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "free_slots": len(self._free_slots),
+                "max_batch_size": self.max_batch_size,
+                "max_queue_size": self.max_queue_size,
+            }
+
+    def close(self) -> None:
+        """Stop the loop; requests still live get a final "cancelled" output."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- engine thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        if self._num_threads:
+            torch.set_num_threads(self._num_threads)
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._closed or self._waiting or self._running or self._cancels):
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                    cancels, self._cancels = self._cancels, set()
+                for request_id in cancels:
+                    request = self._live.get(request_id)
+                    if request is not None:
+                        self._finish(request, "cancelled")
+                for request in self._admit():
+                    self._prefill(request)
+                if self._running:
+                    self._decode_step()
+            for request in list(self._live.values()):
+                self._finish(request, "cancelled")
+
+    def _admit(self) -> list[_Request]:
+        with self._cv:
+            admitted = []
+            while self._waiting and self._free_slots:
+                request = self._waiting.popleft()
+                request.slot = heapq.heappop(self._free_slots)
+                self._running[request.slot] = request
+                admitted.append(request)
+            return admitted
+
+    def _prefill(self, request: _Request) -> None:
+        try:
+            logits = self.model.prefill(request.slot, torch.tensor(request.prompt, dtype=torch.long))
+        except Exception as e:
+            log.exception("prefill failed for request %s", request.id)
+            self._finish(request, "error", error=f"{type(e).__name__}: {e}")
+            return
+        self._advance(request, logits)
+
+    def _decode_step(self) -> None:
+        requests = sorted(self._running.values(), key=lambda r: r.slot)
+        n = requests[-1].slot + 1
+        last_pos = max(len(r.prompt) + len(r.generated) - 1 for r in requests)
+        # Idle slots below n ride along at the batch's last position (their results are discarded).
+        tokens = torch.zeros(n, dtype=torch.long)
+        positions = torch.full((n,), last_pos, dtype=torch.long)
+        for r in requests:
+            tokens[r.slot] = r.generated[-1]
+            positions[r.slot] = len(r.prompt) + len(r.generated) - 1
+        try:
+            logits = self.model.decode(tokens, positions, torch.tensor([r.slot for r in requests]))
+        except Exception as e:
+            log.exception("decode step failed")
+            for r in requests:
+                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+            return
+        for r, row in zip(requests, logits):
+            self._advance(r, row)
+
+    def _advance(self, request: _Request, logits: torch.Tensor) -> None:
+        """Sample the next token of `request` from its logits row, then deliver or finish."""
+        p = request.params
+        try:
+            if p.repetition_penalty != 1.0 and request.seen is None:
+                request.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                request.seen[request.prompt] = True
+            if (p.presence_penalty or p.frequency_penalty) and request.counts is None:
+                request.counts = torch.zeros(logits.shape[-1], dtype=logits.dtype)
+            sequence = request.prompt + request.generated if p.bad_words else []
+            logits = sampling.process_logits(
+                logits, p, sequence, len(request.generated), request.seen, request.counts
+            )
+            choice = sampling.choose(logits, p, request.generator)
+        except Exception as e:
+            log.exception("sampling failed for request %s", request.id)
+            self._finish(request, "error", error=f"{type(e).__name__}: {e}")
+            return
+
+        token = choice.token
+        request.generated.append(token)
+        request.out_tokens.append(token)
+        if request.seen is not None:
+            request.seen[token] = True
+        if request.counts is not None:
+            request.counts[token] += 1
+        if choice.log_prob is not None:
+            request.cum_log_prob += choice.log_prob
+            request.out_log_probs.append(choice.log_prob)
+        if choice.top_logprobs is not None:
+            request.out_top.append(choice.top_logprobs)
+
+        reason, stop_reason = self._finish_reason(request)
+        if reason is not None:
+            self._finish(request, reason, stop_reason=stop_reason)
+        elif p.streaming:
+            self._deliver(request, finished=False)
+
+    def _finish_reason(self, request: _Request):
+        p, generated = request.params, request.generated
+        n = len(generated)
+        if n >= p.min_tokens:
+            if generated[-1] in p.end_ids:
+                return "stop", generated[-1]
+            for word in p.stop_words:
+                if len(word) <= n and generated[n - len(word) :] == list(word):
+                    return "stop", list(word)
+        if n >= p.max_new_tokens or len(request.prompt) + n >= self.max_seq_len:
+            return "length", None
+        return None, None
+
+    def _finish(self, request: _Request, reason: str, stop_reason=None, error: str | None = None) -> None:
+        with self._cv:
+            if self._live.pop(request.id, None) is None:
+                return  # already finished
+            if request.slot >= 0:
+                del self._running[request.slot]
+                heapq.heappush(self._free_slots, request.slot)
+            else:
+                self._waiting.remove(request)
+        self._deliver(request, finished=True, reason=reason, stop_reason=stop_reason, error=error)
+
+    def _deliver(self, request: _Request, finished: bool, reason=None, stop_reason=None, error=None) -> None:
+        p = request.params
+        output = GenerationOutput(
+            request_id=request.id,
+            token_ids=request.out_tokens,
+            log_probs=request.out_log_probs if p.return_log_probs else None,
+            top_logprobs=request.out_top if p.top_logprobs else None,
+            finished=finished,
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            num_input_tokens=len(request.prompt),
+            num_output_tokens=len(request.generated),
+            cum_log_prob=request.cum_log_prob,
+            error=error,
+        )
+        request.out_tokens, request.out_log_probs, request.out_top = [], [], []
+        try:
+            request.on_output(output)
+        except Exception:
+            log.exception("output callback failed for request %s; cancelling it", request.id)
+            if not finished:
+                self._finish(request, "cancelled", error="output callback raised")

@@ -1,0 +1,278 @@
+"""Decoder-only transformer (Gemma 3 text, Llama, Qwen2) over a static, slot-indexed KV cache.
+
+Numerics follow the transformers implementations (RMSNorm in fp32, Gemma's (1 + weight) scale and
+sqrt(hidden) embedding scale, rotary tables computed in fp32 then cast). Projections that read the same
+input are fused (q/k/v, gate/up) to cut the number of matmuls per step, which dominates on CPU.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from .config import FULL, SLIDING, ModelConfig, RopeConfig
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+@dataclass
+class Layer:
+    sliding: bool
+    input_norm: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    q_norm: torch.Tensor | None  # Gemma only
+    k_norm: torch.Tensor | None
+    post_attn_norm: torch.Tensor | None  # Gemma: after attention; Llama/Qwen: before the MLP
+    pre_ff_norm: torch.Tensor | None  # Gemma only
+    post_ff_norm: torch.Tensor | None  # Gemma only
+    gate_up_w: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+def inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Rotary inverse frequencies, as transformers' ROPE_INIT_FUNCTIONS compute them."""
+    freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return freq / rope.factor
+    if rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / freq
+        scaled = torch.where(wavelen > low_wavelen, freq / rope.factor, freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return freq
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, length: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = torch.arange(length, dtype=torch.int64).float()[:, None] * inv_freq(rope, head_dim)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:  # weight already holds (1 + w) in fp32; scale before casting back, as HF Gemma does
+        return (h * weight).type_as(x)
+    return weight * h.to(x.dtype)
+
+
+class Decoder:
+    """Weights plus a KV cache of `[slots, kv_heads, max_seq_len, head_dim]` per layer, written in place."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.float32):
+        self.config = config
+        self.dtype = dtype
+        c = config
+        self.act = _ACTIVATIONS.get(c.hidden_act)
+        if self.act is None:
+            raise ValueError(f"unsupported activation {c.hidden_act!r}")
+
+        def w(name):
+            return weights[name].to(dtype).contiguous()
+
+        def opt(name):
+            return w(name) if name in weights else None
+
+        def norm(name):
+            if c.is_gemma:
+                return 1.0 + weights[name].float()
+            return w(name)
+
+        def cat(names):
+            parts = [opt(n) for n in names]
+            return None if any(p is None for p in parts) else torch.cat(parts).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        # HF multiplies by sqrt(hidden) cast to the embedding dtype (bf16 rounds it)
+        self.embed_scale = torch.tensor(c.hidden_size**0.5).to(dtype) if c.is_gemma else None
+        self.final_norm = norm("model.norm.weight")
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            self.layers.append(
+                Layer(
+                    sliding=c.layer_types[i] == SLIDING and c.sliding_window is not None,
+                    input_norm=norm(p + "input_layernorm.weight"),
+                    qkv_w=cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]),
+                    qkv_b=cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]),
+                    o_w=w(a + "o_proj.weight"),
+                    o_b=opt(a + "o_proj.bias"),
+                    q_norm=norm(a + "q_norm.weight") if c.is_gemma else None,
+                    k_norm=norm(a + "k_norm.weight") if c.is_gemma else None,
+                    post_attn_norm=norm(p + "post_attention_layernorm.weight"),
+                    pre_ff_norm=norm(p + "pre_feedforward_layernorm.weight") if c.is_gemma else None,
+                    post_ff_norm=norm(p + "post_feedforward_layernorm.weight") if c.is_gemma else None,
+                    gate_up_w=cat([m + "gate_proj.weight", m + "up_proj.weight"]),
+                    gate_up_b=cat([m + "gate_proj.bias", m + "up_proj.bias"]),
+                    down_w=w(m + "down_proj.weight"),
+                    down_b=opt(m + "down_proj.bias"),
+                )
+            )
+        self.slots = 0
+        self.max_seq_len = 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir: str | Path, dtype=torch.float32) -> "Decoder":
+        checkpoint_dir = Path(checkpoint_dir)
+        files = sorted(checkpoint_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {checkpoint_dir}")
+        weights = {}
+        for f in files:
+            weights.update(load_file(f))
+        return cls(ModelConfig.from_dir(checkpoint_dir), weights, dtype)
+
+    def allocate_cache(self, slots: int, max_seq_len: int) -> None:
+        c = self.config
+        shape = (slots, c.num_kv_heads, max_seq_len, c.head_dim)
+        # zeros() pages are only touched when written, so a large max_seq_len costs little up front
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
+        self.slots, self.max_seq_len = slots, max_seq_len
+        self.rope = {t: rope_tables(c.rope[t], c.head_dim, max_seq_len, self.dtype) for t in (FULL, SLIDING)}
+
+    # ---- public forward passes -------------------------------------------------------------------
+
+    def prefill(self, slot: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Run one prompt `[T]` into cache slot `slot`; return fp32 logits `[vocab]` of its last position."""
+        T = tokens.shape[0]
+        pos = torch.arange(T)
+        q_idx, k_idx = pos[:, None], pos[None, :]
+        window = self.config.sliding_window
+        # Sliding layers need an explicit band mask only once the prompt is longer than the window.
+        sliding_mask = (k_idx <= q_idx) & (k_idx > q_idx - window) if window and T > window else None
+
+        def attend(layer, li, q, k, v):
+            # q [1,T,H,D], k/v [1,T,KV,D]: write the cache, then attend over the fresh keys only
+            self.k_cache[li][slot, :, :T] = k[0].transpose(0, 1)
+            self.v_cache[li][slot, :, :T] = v[0].transpose(0, 1)
+            mask = sliding_mask if layer.sliding else None
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.config.attn_scale,
+                enable_gqa=True,
+            ).transpose(1, 2)
+
+        h = self._run(tokens[None, :], pos[None, :], attend)
+        return self._logits(h[0, -1:])[0]
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """One step for cache slots `0..n-1`: `tokens[i]` goes to position `positions[i]` of slot i.
+
+        Only `rows` (the slots that sample) get logits: returns fp32 `[len(rows), vocab]`. Slots not in
+        `rows` are computed and discarded; give them a position at or below the batch maximum.
+        """
+        n = tokens.shape[0]
+        c = self.config
+        length = int(positions.max()) + 1
+        keys = torch.arange(length)[None, :]
+        causal = keys <= positions[:, None]
+        masks = {False: (0, causal[:, None, None, :])}
+        if c.sliding_window:
+            # Keys older than every row's window are skipped entirely.
+            lo = max(0, int(positions.min()) - c.sliding_window + 1)
+            band = causal & (keys > positions[:, None] - c.sliding_window)
+            masks[True] = (lo, band[:, None, None, lo:])
+        groups = c.num_heads // c.num_kv_heads
+        # Row of each (slot, kv head, position) in the cache viewed as [-1, head_dim]: index_copy_ on that
+        # view is orders of magnitude faster than advanced-index assignment on the 4-D tensor.
+        heads = torch.arange(c.num_kv_heads)
+        flat_rows = ((torch.arange(n)[:, None] * c.num_kv_heads + heads) * self.max_seq_len + positions[:, None])
+        flat_rows = flat_rows.reshape(-1)
+
+        def attend(layer, li, q, k, v):
+            # q [n,1,H,D], k/v [n,1,KV,D]
+            self.k_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, k.reshape(-1, c.head_dim))
+            self.v_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, v.reshape(-1, c.head_dim))
+            lo, mask = masks[layer.sliding]
+            # One query per row: fold each GQA group's heads into the query axis, so keys are not repeated.
+            out = F.scaled_dot_product_attention(
+                q.view(n, c.num_kv_heads, groups, c.head_dim),
+                self.k_cache[li][:n, :, lo:length],
+                self.v_cache[li][:n, :, lo:length],
+                attn_mask=mask,
+                scale=c.attn_scale,
+            )
+            return out.view(n, 1, c.num_heads, c.head_dim)
+
+        h = self._run(tokens[:, None], positions[:, None], attend)
+        return self._logits(h[rows, 0])
+
+    # ---- shared body -----------------------------------------------------------------------------
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        c = self.config
+        gemma = c.is_gemma
+        eps = c.rms_norm_eps
+        B, T = tokens.shape
+        x = F.embedding(tokens, self.embed)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        ropes = {t: (cos[positions][:, :, None, :], sin[positions][:, :, None, :]) for t, (cos, sin) in self.rope.items()}
+        q_size = c.num_heads * c.head_dim
+        kv_size = c.num_kv_heads * c.head_dim
+        for li, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, eps, gemma)
+            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(B, T, c.num_heads, c.head_dim)
+            k = k.view(B, T, c.num_kv_heads, c.head_dim)
+            v = v.view(B, T, c.num_kv_heads, c.head_dim)
+            if gemma:
+                q = rms_norm(q, layer.q_norm, eps, True)
+                k = rms_norm(k, layer.k_norm, eps, True)
+            cos, sin = ropes[SLIDING if layer.sliding else FULL]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            attn = attend(layer, li, q, k, v).reshape(B, T, q_size)
+            attn = F.linear(attn, layer.o_w, layer.o_b)
+            if gemma:
+                x = x + rms_norm(attn, layer.post_attn_norm, eps, True)
+                h = rms_norm(x, layer.pre_ff_norm, eps, True)
+            else:
+                x = x + attn
+                h = rms_norm(x, layer.post_attn_norm, eps, False)
+            gate, up = F.linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+            h = F.linear(self.act(gate) * up, layer.down_w, layer.down_b)
+            if gemma:
+                h = rms_norm(h, layer.post_ff_norm, eps, True)
+            x = x + h
+        return x
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(h, self.final_norm, self.config.rms_norm_eps, self.config.is_gemma)
+        logits = F.linear(h, self.lm_head).float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

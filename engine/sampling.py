@@ -1,0 +1,113 @@
+"""Next-token selection as pure functions over one row of fp32 logits `[vocab]`.
+
+Order (as HF and vLLM): repetition / presence / frequency penalties, logit_bias, bad-word and min_tokens
+masks -> log-probabilities -> temperature -> top_k -> top_p -> min_p -> sample (or argmax when greedy).
+
+Log-probabilities are the log-softmax of the logits after penalties, bias and masks but before temperature
+and top-k/top-p/min-p truncation: they describe the model's (adjusted) distribution and do not change with
+temperature, as OpenAI's `logprobs` do not.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .params import SamplingParams
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Choice:
+    token: int
+    log_prob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF / TensorRT-LLM: divide positive and multiply negative logits of seen tokens by `penalty`."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float):
+    """OpenAI: subtract `frequency * count + presence * (count > 0)` for tokens generated so far."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    ids = torch.tensor(list(bias.keys()), dtype=torch.long)
+    return logits.index_add(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype))
+
+
+def banned_tokens(sequence: list[int], bad_words: list[list[int]]) -> list[int]:
+    """Last tokens of the bad words whose earlier tokens end `sequence` (single tokens: always banned)."""
+    banned = []
+    for word in bad_words:
+        prefix = word[:-1]
+        if not prefix or (len(prefix) <= len(sequence) and sequence[len(sequence) - len(prefix) :] == prefix):
+            banned.append(word[-1])
+    return banned
+
+
+def mask_tokens(logits: torch.Tensor, ids) -> torch.Tensor:
+    logits = logits.clone()
+    logits[list(ids)] = NEG_INF
+    return logits
+
+
+def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Set logits outside top_k, the top_p nucleus and the min_p floor to -inf (HF semantics)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[-1] = False  # always keep the most likely token
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), NEG_INF)
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), NEG_INF)
+    return logits
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    sequence: list[int],
+    num_generated: int,
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None,
+) -> torch.Tensor:
+    """Penalties, bias and masks. `sequence` is prompt + generated tokens; `seen` (bool) and `counts`
+    (generated-token counts) are `[vocab]` tensors, needed only when the matching penalty is set."""
+    if params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        logits = apply_presence_frequency(logits, counts, params.presence_penalty, params.frequency_penalty)
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
+    masked = banned_tokens(sequence, params.bad_words) if params.bad_words else []
+    if num_generated < params.min_tokens:
+        masked.extend(params.end_ids)
+    if masked:
+        logits = mask_tokens(logits, masked)
+    return logits
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> Choice:
+    """Pick the next token from processed logits; `generator` drives sampling (unused when greedy)."""
+    if params.greedy:
+        token = int(torch.argmax(logits))
+    else:
+        scaled = truncate(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+        token = int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
+    if not (params.return_log_probs or params.top_logprobs):
+        return Choice(token, None, None)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    top = None
+    if params.top_logprobs:
+        values, ids = torch.topk(log_probs, params.top_logprobs)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return Choice(token, float(log_probs[token]), top)

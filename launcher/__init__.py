@@ -1,0 +1,1 @@
+"""Starts Triton and the OpenAI adapter as one service."""

@@ -1,0 +1,86 @@
+"""Triton shell over the CPU engine, in the `tensorrt_llm` slot with TensorRT-LLM's tensors.
+
+Requests are handed to the engine's own step loop and answered from it (decoupled), so new requests join
+the running batch between decode steps. A request with `stop = true` cancels the running request that has
+the same id, as with TensorRT-LLM's backend.
+"""
+
+import threading
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from engine import Engine, PromptTooLongError, QueueFullError
+from pipeline import engine_io
+from pipeline.tensors import InvalidRequest
+from pipeline.triton_io import ModelShell, error_response, response
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+GAUGES = {  # engine.stats() key -> Triton metric, on Triton's metrics port
+    "running": ("llm_engine_requests_running", "Requests in the engine's running batch"),
+    "waiting": ("llm_engine_requests_waiting", "Requests queued for a free engine slot"),
+}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.shell = ModelShell(args)
+        p = self.shell.parameters
+        self.engine = Engine(
+            p["model_dir"],
+            max_batch_size=int(p["max_batch_size"]),
+            max_seq_len=int(p["max_seq_len"]),
+            max_queue_size=int(p["max_queue_size"]),
+            dtype=getattr(torch, p["dtype"]),
+            num_threads=int(p["num_threads"]) or None,
+        )
+        self.closed = threading.Event()
+        threading.Thread(target=self._publish_stats, name="engine-stats", daemon=True).start()
+
+    def _publish_stats(self):
+        labels = {"model": self.shell.model_config["name"]}
+        # A Metric needs its MetricFamily alive: keep both.
+        families = {
+            key: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.GAUGE)
+            for key, (name, text) in GAUGES.items()
+        }
+        gauges = {key: family.Metric(labels=labels) for key, family in families.items()}
+        while not self.closed.wait(0.2):
+            stats = self.engine.stats()
+            for key, gauge in gauges.items():
+                gauge.set(stats[key])
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._start(request, sender)
+            except (InvalidRequest, PromptTooLongError, ValueError) as exc:
+                sender.send(error_response(str(exc)), flags=FINAL)
+            except QueueFullError as exc:
+                sender.send(error_response(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+        return None
+
+    def _start(self, request, sender):
+        inputs = self.shell.inputs(request)
+        if engine_io.is_stop_request(inputs):
+            self.engine.cancel(request.request_id())
+            sender.send(flags=FINAL)
+            return
+        parsed = engine_io.parse_request(inputs, request.request_id())
+
+        def on_output(output):
+            if not output.finished and sender.is_cancelled():
+                self.engine.cancel(parsed.key)  # the client closed its stream to this model
+                return
+            flags = FINAL if output.finished else 0
+            if output.finish_reason == "error":
+                sender.send(error_response(output.error or "engine error", pb_utils.TritonError.INTERNAL), flags=flags)
+            else:
+                sender.send(response(engine_io.response_tensors(parsed, output)), flags=flags)
+
+        self.engine.submit(parsed.key, parsed.prompt_ids, parsed.params, on_output)
+
+    def finalize(self):
+        self.closed.set()
+        self.engine.close()

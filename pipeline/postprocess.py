@@ -1,0 +1,91 @@
+"""The `postprocessing` step: exact incremental detokenization and stop strings, per request.
+
+Streamed responses of one request arrive here in order (one instance), so each request keeps its decoder
+between responses. When a stop string matches, the engine is told to stop, and nothing after it is sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.context import RequestContext
+from pipeline.tensors import Tensors, int_tensor, scalar, string_tensor
+from tokenization.postprocess import StreamDecoder
+from tokenization.tokenizer import Tokenizer
+
+# A request whose final response never came (its client vanished mid-way) is forgotten after this long.
+STALE_AFTER_S = 600.0
+
+
+@dataclass
+class _Stream:
+    decoder: StreamDecoder
+    stop_string: str | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class Postprocessor:
+    def __init__(self, tokenizer: Tokenizer, stop_engine: Callable[[str], None]):
+        self.tokenizer = tokenizer
+        self.stop_engine = stop_engine
+        self.streams: dict[str, _Stream] = {}
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        context = RequestContext.from_json(scalar(inputs, "REQUEST_CONTEXT"))
+        tokens = inputs["TOKENS_BATCH"].reshape(-1)
+        length = scalar(inputs, "SEQUENCE_LENGTH", len(tokens))
+        token_ids = [int(t) for t in tokens[:length]]
+        finish_reason = scalar(inputs, "FINISH_REASON", "")
+        stop_reason = scalar(inputs, "STOP_REASON", "")
+
+        stream = self.streams.get(context.key)
+        if stream is None:
+            self._forget_stale()
+            stream = _Stream(
+                StreamDecoder(
+                    self.tokenizer,
+                    context.stop,
+                    include_stop_str_in_output=context.include_stop_str_in_output,
+                    skip_special_tokens=context.skip_special_tokens,
+                )
+            )
+            self.streams[context.key] = stream
+        stream.last_seen = time.monotonic()
+
+        already_stopped = stream.stop_string is not None
+        step = stream.decoder.push(token_ids, finished=bool(finish_reason))
+        if step.stop_string is not None and not already_stopped:
+            stream.stop_string = step.stop_string
+            if not finish_reason:
+                self.stop_engine(context.key)
+        if stream.stop_string is not None and finish_reason:
+            finish_reason, stop_reason = "stop", stream.stop_string
+        if finish_reason:
+            del self.streams[context.key]
+
+        outputs = {
+            "OUTPUT": np.array([[step.text.encode("utf-8")]], dtype=np.object_),
+            "OUT_TOKEN_IDS": np.array([token_ids], dtype=np.int32),
+            "OUT_FINISH_REASON": string_tensor(finish_reason),
+            "OUT_STOP_REASON": string_tensor(stop_reason),
+            "OUT_NUM_INPUT_TOKENS": int_tensor(scalar(inputs, "NUM_INPUT_TOKENS", 0)),
+            "OUT_NUM_OUTPUT_TOKENS": int_tensor(scalar(inputs, "NUM_OUTPUT_TOKENS", 0)),
+        }
+        for source, target, dtype, shape in (
+            ("CUM_LOG_PROBS", "OUT_CUM_LOG_PROBS", np.float32, (1, 1)),
+            ("OUTPUT_LOG_PROBS", "OUT_OUTPUT_LOG_PROBS", np.float32, (1, 1, 0)),
+            ("TOP_LOGPROB_IDS", "OUT_TOP_LOGPROB_IDS", np.int32, (1, 0, 0)),
+            ("TOP_LOGPROB_VALUES", "OUT_TOP_LOGPROB_VALUES", np.float32, (1, 0, 0)),
+        ):
+            value = inputs.get(source)
+            outputs[target] = value if value is not None else np.zeros(shape, dtype=dtype)
+        return outputs
+
+    def _forget_stale(self) -> None:
+        cutoff = time.monotonic() - STALE_AFTER_S
+        for key in [k for k, s in self.streams.items() if s.last_seen < cutoff]:
+            del self.streams[key]

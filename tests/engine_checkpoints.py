@@ -1,0 +1,77 @@
+"""Tiny random-weight Hugging Face checkpoints for engine tests (built at test time with transformers)."""
+
+from pathlib import Path
+
+import torch
+
+# Small shapes shared by all architectures: GQA (4 query heads, 2 kv heads), short context.
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    # Larger than the HF default (0.02) so the random model has peaked, varied next-token distributions.
+    initializer_range=0.1,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+)
+
+ARCHITECTURES = ("gemma3", "llama", "qwen2")
+
+
+def _build(arch: str, vocab_size: int, overrides: dict):
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    kwargs = {**_COMMON, "vocab_size": vocab_size}
+    if arch == "gemma3":
+        kwargs.update(
+            sliding_window=8,  # smaller than test prompts, so the window matters
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=16,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+            tie_word_embeddings=True,
+        )
+        kwargs.update(overrides)
+        return Gemma3ForCausalLM(Gemma3TextConfig(**kwargs))
+    if arch == "llama":
+        kwargs.update(rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, tie_word_embeddings=False)
+        kwargs.update(overrides)
+        return LlamaForCausalLM(LlamaConfig(**kwargs))
+    if arch == "qwen2":
+        kwargs.update(rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True)
+        kwargs.update(overrides)
+        return Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+
+
+def make_tiny_checkpoint(arch: str, path: Path, vocab_size: int = 1024, seed: int = 0, **overrides) -> Path:
+    """Save a random-weight `arch` model ("gemma3", "llama" or "qwen2") to `path` and return it.
+
+    The folder holds only config.json, generation_config.json and model.safetensors (no tokenizer).
+    `overrides` are passed to the transformers config class.
+    """
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = _build(arch, vocab_size, overrides)
+    if arch == "qwen2":
+        # HF initialises biases to zero; random biases exercise the engine's bias path.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

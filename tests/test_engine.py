@@ -1,0 +1,385 @@
+"""Engine tests on tiny random-weight checkpoints, with transformers as the reference."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams
+from engine.config import FULL, SLIDING, ModelConfig
+from engine.generate import generate
+from tests.engine_checkpoints import ARCHITECTURES, make_tiny_checkpoint
+
+VOCAB = 1024
+EOS = 1
+# Gemma's sliding window is 8: the longer prompts and all generations run past it.
+PROMPT_LENGTHS = (3, 8, 13, 30)
+
+
+def prompt(length: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine_ckpt")
+    return {arch: make_tiny_checkpoint(arch, root / arch, vocab_size=VOCAB) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoints):
+    started = {arch: Engine(path, max_batch_size=8, max_seq_len=128) for arch, path in checkpoints.items()}
+    yield started
+    for e in started.values():
+        e.close()
+
+
+@pytest.fixture(scope="session")
+def gemma(engines):
+    return engines["gemma3"]
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+def submit_all(engine, jobs) -> dict[str, GenerationOutput]:
+    """Submit (id, prompt, params) jobs at once; wait for all and return the merged outputs by id."""
+    results, parts, lock, done = {}, {}, threading.Lock(), threading.Event()
+
+    def callback(out: GenerationOutput):
+        with lock:
+            parts.setdefault(out.request_id, []).append(out)
+            if out.finished:
+                results[out.request_id] = parts[out.request_id]
+                if len(results) == len(jobs):
+                    done.set()
+
+    for rid, ids, params in jobs:
+        engine.submit(rid, ids, params, callback)
+    assert done.wait(60)
+    return {rid: merge(outs) for rid, outs in results.items()}
+
+
+def merge(outs: list[GenerationOutput]) -> GenerationOutput:
+    last = outs[-1]
+    last.token_ids = [t for o in outs for t in o.token_ids]
+    return last
+
+
+# ---- correctness against transformers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_matches_transformers(arch, checkpoints, engines):
+    model = hf_model(checkpoints[arch])
+    n = 24
+    jobs = [(f"{arch}-{L}", prompt(L, seed=L), greedy(n, end_ids={EOS})) for L in PROMPT_LENGTHS]
+    outputs = submit_all(engines[arch], jobs)
+    for rid, ids, _ in jobs:
+        with torch.inference_mode():
+            ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, eos_token_id=EOS)
+        assert outputs[rid].token_ids == ref[0, len(ids) :].tolist(), rid
+
+
+def test_log_probs_match_reference(checkpoints, gemma):
+    model = hf_model(checkpoints["gemma3"])
+    ids = prompt(13, seed=5)
+    out = generate(gemma, ids, greedy(10, return_log_probs=True, top_logprobs=3))
+    with torch.inference_mode():
+        ref = model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=10, eos_token_id=None,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    ref_lp = torch.log_softmax(torch.stack(ref.logits)[:, 0].float(), dim=-1)
+    assert out.token_ids == ref.sequences[0, len(ids) :].tolist()
+    chosen = ref_lp[torch.arange(10), torch.tensor(out.token_ids)]
+    assert all(lp <= 0 for lp in out.log_probs)
+    torch.testing.assert_close(torch.tensor(out.log_probs), chosen, atol=1e-4, rtol=0)
+    assert out.cum_log_prob == pytest.approx(sum(out.log_probs), abs=1e-4)
+    for step, top in enumerate(out.top_logprobs):
+        values, top_ids = torch.topk(ref_lp[step], 3)
+        assert [t for t, _ in top] == top_ids.tolist()
+        assert top[0][0] == out.token_ids[step]  # greedy picks the best alternative
+        torch.testing.assert_close(torch.tensor([v for _, v in top]), values, atol=1e-4, rtol=0)
+
+
+# ---- batching independence ------------------------------------------------------------------------
+
+
+def staggered(engine, jobs, join_after: int = 3) -> dict[str, GenerationOutput]:
+    """Run jobs so that job i+1 is submitted from job i's callback after `join_after` tokens each,
+    so requests join a running batch at different decode steps."""
+    results, parts, lock, done = {}, {}, threading.Lock(), threading.Event()
+    seen = {}
+
+    def callback(out: GenerationOutput):
+        with lock:
+            parts.setdefault(out.request_id, []).append(out)
+            seen[out.request_id] = seen.get(out.request_id, 0) + len(out.token_ids)
+            index = next(i for i, job in enumerate(jobs) if job[0] == out.request_id)
+            nxt = index + 1
+            if nxt < len(jobs) and jobs[nxt][0] not in parts and (seen[out.request_id] >= join_after or out.finished):
+                parts[jobs[nxt][0]] = []
+                engine.submit(*jobs[nxt], callback)
+            if out.finished:
+                results[out.request_id] = merge(parts[out.request_id])
+                if len(results) == len(jobs):
+                    done.set()
+
+    parts[jobs[0][0]] = []
+    engine.submit(*jobs[0], callback)
+    assert done.wait(60)
+    return results
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_batch_neighbours_do_not_change_results(gemma, mode):
+    def params(i):
+        if mode == "greedy":
+            return greedy(12 + 3 * i)
+        return SamplingParams(
+            max_new_tokens=12 + 3 * i, temperature=0.9, top_k=100, top_p=0.95, seed=100 + i,
+            repetition_penalty=1.1 if i % 2 else 1.0, frequency_penalty=0.2 * (i % 3),
+        )
+
+    jobs = [(f"{mode}-{i}", prompt(L, seed=i), params(i)) for i, L in enumerate((5, 30, 9, 14, 2, 21))]
+    alone = {rid: generate(gemma, ids, p).token_ids for rid, ids, p in jobs}
+    together = staggered(gemma, jobs)
+    assert {rid: o.token_ids for rid, o in together.items()} == alone
+
+
+# ---- sampling parameters ---------------------------------------------------------------------------
+
+
+def test_seed_reproducibility(gemma):
+    ids = prompt(10, seed=1)
+
+    def run(seed):
+        return generate(gemma, ids, SamplingParams(max_new_tokens=16, seed=seed)).token_ids
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_greedy_equivalents(gemma):
+    ids = prompt(10, seed=2)
+    ref = generate(gemma, ids, greedy(16)).token_ids
+    assert generate(gemma, ids, SamplingParams(max_new_tokens=16, top_k=1, seed=3)).token_ids == ref
+    assert generate(gemma, ids, SamplingParams(max_new_tokens=16, top_p=1e-6, seed=3)).token_ids == ref
+    assert generate(gemma, ids, SamplingParams(max_new_tokens=16, min_p=1.0, seed=3)).token_ids == ref
+
+
+def test_bad_words_never_appear(gemma):
+    ids = prompt(13, seed=3)
+    ref = generate(gemma, ids, greedy(20)).token_ids
+    banned = ref[0]
+    out = generate(gemma, ids, greedy(20, bad_words=[[banned]])).token_ids
+    assert banned not in out
+    # two-token bad word: its second token may not follow its first
+    # pick a pair that first occurs at generated position i, so the output diverges exactly there
+    seq = ids + ref
+    pairs = list(zip(seq, seq[1:]))
+    i = next(i for i in range(1, len(ref)) if pairs[len(ids) + i - 1] not in pairs[: len(ids) + i - 1])
+    first, second = ref[i - 1], ref[i]
+    out = generate(gemma, ids, greedy(20, bad_words=[[first, second]])).token_ids
+    full = ids + out
+    assert all((full[j - 1], full[j]) != (first, second) for j in range(len(ids), len(full)))
+    assert out[:i] == ref[:i] and out[i] != second
+
+
+def test_stop_words_and_end_ids(gemma):
+    ids = prompt(30, seed=4)
+    ref = generate(gemma, ids, greedy(20)).token_ids
+    word = ref[5:7]
+    out = generate(gemma, ids, greedy(20, stop_words=[[9999 % VOCAB, 3], word]))
+    end = next(i + 2 for i in range(len(ref) - 1) if ref[i : i + 2] == word)
+    assert out.token_ids == ref[:end]
+    assert (out.finish_reason, out.stop_reason) == ("stop", word)
+
+    end_id = ref[6]
+    out = generate(gemma, ids, greedy(20, end_ids={end_id}))
+    assert out.token_ids == ref[: ref.index(end_id) + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", end_id)
+
+    out = generate(gemma, ids, greedy(20))
+    assert (out.finish_reason, out.stop_reason, out.num_output_tokens) == ("length", None, 20)
+
+
+def test_min_tokens_suppresses_end_id(gemma):
+    ids = prompt(10, seed=2)
+    ref = generate(gemma, ids, greedy(16)).token_ids
+    end_id = ref[0]
+    assert generate(gemma, ids, greedy(16, end_ids={end_id})).token_ids == [end_id]
+    out = generate(gemma, ids, greedy(16, end_ids={end_id}, min_tokens=4))
+    assert end_id not in out.token_ids[:4] and len(out.token_ids) >= 4
+
+
+def test_logit_bias_forces_token(gemma):
+    out = generate(gemma, prompt(10), SamplingParams(max_new_tokens=8, seed=1, logit_bias={42: 100.0}))
+    assert out.token_ids == [42] * 8
+
+
+def test_penalties_change_output(gemma):
+    ids = prompt(20, seed=6)
+    ref = generate(gemma, ids, greedy(24)).token_ids
+    most = max(ref.count(t) for t in set(ref))
+    assert most > 2  # the tiny model repeats itself, which the penalties should reduce
+    rep = generate(gemma, ids, greedy(24, repetition_penalty=3.0)).token_ids
+    freq = generate(gemma, ids, greedy(24, frequency_penalty=2.0)).token_ids
+    pres = generate(gemma, ids, greedy(24, presence_penalty=5.0)).token_ids
+    for out in (rep, freq, pres):
+        assert out != ref
+        assert max(out.count(t) for t in set(out)) < most
+    assert len(set(pres)) == len(pres)  # a large presence penalty forbids any repeat here
+
+
+def test_non_streaming_single_callback(gemma):
+    outs = []
+    done = threading.Event()
+
+    def callback(out):
+        outs.append(out)
+        if out.finished:
+            done.set()
+
+    gemma.submit("non-streaming", prompt(6), greedy(7, streaming=False, return_log_probs=True), callback)
+    assert done.wait(30)
+    assert len(outs) == 1 and len(outs[0].token_ids) == 7 and len(outs[0].log_probs) == 7
+    assert outs[0].num_input_tokens == 6 and outs[0].num_output_tokens == 7
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_k=-1), dict(min_p=2.0),
+        dict(repetition_penalty=0.0), dict(seed=-1), dict(top_logprobs=99), dict(bad_words=[[]]),
+        dict(stop_words=[[VOCAB]]), dict(logit_bias={-1: 1.0}), dict(temperature=float("nan")),
+    ],
+)
+def test_invalid_params_rejected(gemma, bad):
+    params = SamplingParams(**{"max_new_tokens": 4, **bad})
+    with pytest.raises(ValueError):
+        gemma.submit("bad", prompt(4), params, lambda out: None)
+
+
+# ---- request lifecycle -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_engine(checkpoints):
+    engine = Engine(checkpoints["llama"], max_batch_size=2, max_seq_len=64, max_queue_size=2)
+    yield engine
+    engine.close()
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_cancel_frees_slot(small_engine):
+    outs = []
+    started = threading.Event()
+
+    def callback(out):
+        outs.append(out)
+        started.set()
+
+    small_engine.submit("long", prompt(5), SamplingParams(max_new_tokens=50, seed=0), callback)
+    assert started.wait(10)
+    assert small_engine.cancel("long")
+    wait_for(lambda: outs[-1].finished)
+    assert outs[-1].finish_reason == "cancelled" and outs[-1].num_output_tokens < 50
+    assert small_engine.stats()["free_slots"] == 2 and small_engine.stats()["running"] == 0
+    assert not small_engine.cancel("long")
+    assert generate(small_engine, prompt(5), greedy(5)).num_output_tokens == 5
+
+
+def test_queue_full_and_duplicate_ids(small_engine):
+    release = threading.Event()
+
+    def blocking(out):  # holds the engine thread, so nothing else gets admitted
+        release.wait(10)
+
+    small_engine.submit("a", prompt(3), greedy(40), blocking)
+    wait_for(lambda: small_engine.stats()["running"] == 1)
+    with pytest.raises(ValueError, match="already in use"):
+        small_engine.submit("a", prompt(3), greedy(4), lambda out: None)
+    small_engine.submit("b", prompt(3), greedy(4), lambda out: None)
+    small_engine.submit("c", prompt(3), greedy(4), lambda out: None)
+    assert small_engine.stats()["waiting"] == 2
+    with pytest.raises(QueueFullError):
+        small_engine.submit("d", prompt(3), greedy(4), lambda out: None)
+    for rid in "abc":
+        assert small_engine.cancel(rid)
+    release.set()
+    wait_for(lambda: small_engine.stats()["free_slots"] == 2 and small_engine.stats()["waiting"] == 0)
+
+
+def test_prompt_too_long_names_lengths(small_engine):
+    with pytest.raises(PromptTooLongError) as info:
+        small_engine.submit("x", prompt(60), greedy(10), lambda out: None)
+    message = str(info.value)
+    assert "maximum context length is 64 tokens" in message and "70 tokens (60 in the prompt, 10 for" in message
+
+
+def test_callback_exception_cancels_only_that_request(small_engine):
+    final = []
+
+    def bad(out):
+        if not out.finished:
+            raise RuntimeError("client went away")
+        final.append(out)
+
+    small_engine.submit("bad", prompt(4), greedy(30), bad)
+    good = generate(small_engine, prompt(7), greedy(12))
+    assert good.finish_reason == "length" and good.num_output_tokens == 12
+    wait_for(lambda: final)
+    assert final[0].finish_reason == "cancelled"
+    wait_for(lambda: small_engine.stats()["free_slots"] == 2)
+
+
+def test_step_exception_fails_requests_and_loop_survives(small_engine, monkeypatch):
+    decode = small_engine.model.decode
+
+    def broken(*args, **kwargs):
+        monkeypatch.setattr(small_engine.model, "decode", decode)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(small_engine.model, "decode", broken)
+    out = generate(small_engine, prompt(4), greedy(5))
+    assert out.finish_reason == "error" and "boom" in out.error
+    assert generate(small_engine, prompt(4), greedy(5)).finish_reason == "length"
+
+
+def test_length_limit_reached_at_max_seq_len(small_engine):
+    out = generate(small_engine, prompt(54), greedy(10))
+    assert out.finish_reason == "length" and out.num_output_tokens == 10
+
+
+# ---- config parsing --------------------------------------------------------------------------------
+
+
+def test_gemma3_legacy_config_fields():
+    cfg = ModelConfig.from_dict(
+        {
+            "architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+            "query_pre_attn_scalar": 16, "sliding_window": 4, "sliding_window_pattern": 3,
+            "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        }
+    )
+    assert cfg.layer_types == (SLIDING, SLIDING, FULL) * 2
+    assert cfg.rope[FULL].theta == 1e6 and cfg.rope[FULL].factor == 8.0
+    assert cfg.rope[SLIDING].theta == 1e4 and cfg.rope[SLIDING].rope_type == "default"
+    assert cfg.attn_scale == 0.25 and cfg.tie_word_embeddings
