@@ -52,7 +52,9 @@ class EngineChunk:
 
 
 class Engine(Protocol):
-    def generate(self, request_id: str, prompt: str | list[int], params: GenerationParams) -> AsyncIterator[EngineChunk]:
+    def generate(
+        self, request_id: str, prompt: str | list[int], params: GenerationParams
+    ) -> AsyncIterator[EngineChunk]:
         """Stream the answer; closing the iterator early cancels the request in the engine."""
         ...
 

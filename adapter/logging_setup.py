@@ -12,7 +12,8 @@ import sys
 from datetime import datetime, timezone
 
 # LogRecord's own attributes: anything else on a record came from `extra=` and goes into the JSON line.
-_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+_RECORD_FIELDS |= {"message", "asctime", "taskName", "color_message"}  # uvicorn adds color_message
 
 
 def _timestamp(record: logging.LogRecord) -> str:

@@ -87,7 +87,9 @@ class SamplingRequest(OpenAIBaseModel):
     def to_generation_params(self, *, add_special_tokens: bool | None = None) -> GenerationParams:
         if self.stream_options is not None and not self.stream:
             raise BadRequestError("stream_options is only allowed when stream is true.", param="stream_options")
-        temperature, top_k = self.temperature, self.top_k
+        # OpenAI's default is sampling at temperature 1, not the engine's greedy default.
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_k = self.top_k
         if top_k is not None and top_k <= 0:
             top_k = None
         if temperature == 0.0:

@@ -169,10 +169,13 @@ _PREFIXES = re.compile(
     r"^(?:in ensemble '[^']*',\s*|\[request id: [^\]]*\]\s*|Failed to process the request\(s\) for model "
     r"(?:instance )?'[^']*', message:\s*|(?:[\w.]+\.)?InvalidRequest:\s*|pb_utils\.TritonError:\s*)+"
 )
-_OVERLOADED = re.compile(r"queue (?:is )?full|maximum queue size|exceeds? .*queue|too many (?:active |pending )?requests"
-                         r"|maximum number of (?:active |in-flight )?requests", re.I)
+_OVERLOADED = re.compile(
+    r"queue (?:is )?full|maximum queue size|exceeds? .*queue|too many (?:active |pending )?requests"
+    r"|maximum number of (?:active |in-flight )?requests",
+    re.I,
+)
 _UNAVAILABLE = re.compile(r"unknown model|is not found|not ready|no available version|is unavailable|"
-                          r"server is (?:shutting down|not ready)", re.I)
+                          r"server is (?:stopping|shutting down|not ready)|stopped accepting", re.I)
 # Bad input: Triton's own input checks, and the ensemble's InvalidRequest messages.
 _BAD_INPUT = re.compile(
     r"InvalidRequest|maximum context length|prompt is empty|out of range|not supported|must be|"

@@ -208,7 +208,7 @@ class Decoder:
         # Row of each (slot, kv head, position) in the cache viewed as [-1, head_dim]: index_copy_ on that
         # view is orders of magnitude faster than advanced-index assignment on the 4-D tensor.
         heads = torch.arange(c.num_kv_heads)
-        flat_rows = ((torch.arange(n)[:, None] * c.num_kv_heads + heads) * self.max_seq_len + positions[:, None])
+        flat_rows = (torch.arange(n)[:, None] * c.num_kv_heads + heads) * self.max_seq_len + positions[:, None]
         flat_rows = flat_rows.reshape(-1)
 
         def attend(layer, li, q, k, v):
@@ -239,7 +239,7 @@ class Decoder:
         x = F.embedding(tokens, self.embed)
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        ropes = {t: (cos[positions][:, :, None, :], sin[positions][:, :, None, :]) for t, (cos, sin) in self.rope.items()}
+        ropes = {t: (cos[positions, None], sin[positions, None]) for t, (cos, sin) in self.rope.items()}
         q_size = c.num_heads * c.head_dim
         kv_size = c.num_kv_heads * c.head_dim
         for li, layer in enumerate(self.layers):

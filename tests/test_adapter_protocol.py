@@ -45,7 +45,8 @@ class FakeTokenizer:
 
 def fake_render(template, messages, **kwargs):
     fake_render.calls.append((template, messages, kwargs))
-    return "".join(f"[{m['role']}]{m['content']}" for m in messages) + ("[assistant]" if kwargs["add_generation_prompt"] else "")
+    prompt = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+    return prompt + ("[assistant]" if kwargs["add_generation_prompt"] else "")
 
 
 fake_render.calls = []
@@ -131,10 +132,11 @@ def test_chat_maps_sampling_fields():
     )
 
 
-def test_chat_defaults_leave_the_engine_its_defaults():
+def test_chat_defaults_are_openais():
     params = ChatCompletionRequest(messages=USER).to_generation_params()
     assert params.max_tokens is None  # as many as the context leaves
-    assert (params.temperature, params.top_p, params.top_k, params.seed) == (None, None, None, None)
+    # OpenAI samples at temperature 1 by default; the engine alone would decode greedily.
+    assert (params.temperature, params.top_p, params.top_k, params.seed) == (1.0, None, None, None)
     assert params.stop == () and not params.return_log_probs and params.stream is False
 
 

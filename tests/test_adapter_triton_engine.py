@@ -109,7 +109,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
                     last = step == self.steps - 1
                     outputs = step_outputs(" world" if step else "Hello", [100 + step], step + 1,
                                            "length" if last else "")
-                    yield service_pb2.ModelStreamInferResponse(infer_response=infer_response(request.id, outputs, False))
+                    response = infer_response(request.id, outputs, False)
+                    yield service_pb2.ModelStreamInferResponse(infer_response=response)
                 yield service_pb2.ModelStreamInferResponse(infer_response=infer_response(request.id, {}, True))
         except asyncio.CancelledError:
             self.stream_cancelled.set()
@@ -192,6 +193,8 @@ def test_parse_outputs():
         ("in ensemble 'ensemble', the prompt is empty", BadRequestError, "the prompt is empty"),
         ("Exceeds maximum queue size", EngineOverloadedError, None),
         ("Request for unknown model: 'ensemble' is not found", EngineUnavailableError, None),
+        ("in ensemble 'ensemble', [request id: c] Server is stopping, scheduler for model has stopped accepting new "
+         "inference requests", EngineUnavailableError, None),
         ("Failed to process the request(s) for model instance 'x', message: KeyError: 'y'", EngineInternalError,
          None),
     ],

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from tests.tokenizer_fixture import RARE_CHARACTERS, make_sentencepiece_tokenizer
+from build.gemma_chat_template import GEMMA3_CHAT_TEMPLATE
 from tokenization import (
-    GEMMA_CHAT_TEMPLATE,
     ChatTemplateError,
     IncrementalDetokenizer,
     StopStringMatcher,
@@ -95,8 +95,8 @@ def test_chat_template_sources(tokenizer_dir, tmp_path):
     assert tok.model_max_length == 4096
     assert tok.bos_token_id == 2  # AddedToken-dict form
     assert tok.eos_token_ids == {1, 4, 5}
-    (tmp_path / "chat_template.jinja").write_text(GEMMA_CHAT_TEMPLATE)
-    assert Tokenizer.from_dir(tmp_path).chat_template == GEMMA_CHAT_TEMPLATE
+    (tmp_path / "chat_template.jinja").write_text(GEMMA3_CHAT_TEMPLATE)
+    assert Tokenizer.from_dir(tmp_path).chat_template == GEMMA3_CHAT_TEMPLATE
 
 
 def test_rare_characters_use_byte_fallback(tok):
@@ -316,7 +316,7 @@ def test_stream_decoder_include_stop_and_special_tokens(tok):
 
 
 def _gemma(messages, **kwargs):
-    return render_chat(GEMMA_CHAT_TEMPLATE, messages, bos_token="<bos>", eos_token="<eos>", **kwargs)
+    return render_chat(GEMMA3_CHAT_TEMPLATE, messages, bos_token="<bos>", eos_token="<eos>", **kwargs)
 
 
 def test_gemma_template_format():
@@ -351,7 +351,7 @@ def test_gemma_template_matches_transformers():
         cont = chat[-1]["role"] == "assistant"
         (expected,), _ = render_jinja_template(
             [chat],
-            chat_template=GEMMA_CHAT_TEMPLATE,
+            chat_template=GEMMA3_CHAT_TEMPLATE,
             add_generation_prompt=not cont,
             continue_final_message=cont,
             bos_token="<bos>",

@@ -1,13 +1,12 @@
 """Text processing shared by the Triton models and the OpenAI adapter: tokenizer, detokenizer, stops, templates."""
 
-from tokenization.chat_template import GEMMA_CHAT_TEMPLATE, ChatTemplateError, render_chat
+from tokenization.chat_template import ChatTemplateError, render_chat
 from tokenization.detokenizer import IncrementalDetokenizer
 from tokenization.postprocess import DecodeStep, StreamDecoder
 from tokenization.stop_strings import StopStringMatcher
 from tokenization.tokenizer import Tokenizer
 
 __all__ = [
-    "GEMMA_CHAT_TEMPLATE",
     "ChatTemplateError",
     "DecodeStep",
     "IncrementalDetokenizer",
