@@ -43,14 +43,15 @@ def transformers_generate(model_dir: Path, dtype: torch.dtype, batch: int, new_t
 def engine_run(engine, prompt_ids: list[int], concurrency: int, new_tokens: int) -> dict:
     from engine import SamplingParams
 
-    first, last, done = {}, {}, threading.Barrier(concurrency + 1)
+    first, last, done = {}, {}, threading.Event()
 
-    def on_output(output, i):
+    def on_output(output, i):  # runs on the engine thread: record, never block
         now = time.perf_counter()
         first.setdefault(i, now)
         if output.finished:
             last[i] = now
-            done.wait()
+            if len(last) == concurrency:
+                done.set()
 
     start = time.perf_counter()
     for i in range(concurrency):
