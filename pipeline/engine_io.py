@@ -8,7 +8,7 @@ import numpy as np
 
 from engine import GenerationOutput, SamplingParams
 from pipeline.context import RequestContext
-from pipeline.tensors import InvalidRequest, Tensors, decode_word_lists, int_tensor, scalar, string_tensor
+from pipeline.tensors import InvalidRequest, Tensors, decode_word_lists, int_tensor, scalar, string_tensor, vector
 
 
 @dataclass
@@ -53,6 +53,7 @@ def parse_request(inputs: Tensors, request_id: str) -> EngineRequest:
         min_tokens=int(scalar(inputs, "min_tokens", 0)),
         stop_words=decode_word_lists(inputs.get("stop_words_list")),
         bad_words=decode_word_lists(inputs.get("bad_words_list")),
+        logit_bias=logit_bias(inputs),
         return_log_probs=bool(scalar(inputs, "return_log_probs", False)),
         top_logprobs=int(scalar(inputs, "top_logprobs", 0)),
         streaming=bool(scalar(inputs, "streaming", False)),
@@ -66,6 +67,13 @@ def parse_request(inputs: Tensors, request_id: str) -> EngineRequest:
         context_json=context_json,
         key=key,
     )
+
+
+def logit_bias(inputs: Tensors) -> dict[int, float]:
+    ids, values = vector(inputs, "logit_bias_ids"), vector(inputs, "logit_bias_values")
+    if len(ids) != len(values):
+        raise InvalidRequest(f"logit_bias_ids has {len(ids)} entries but logit_bias_values has {len(values)}")
+    return {int(token): float(bias) for token, bias in zip(ids, values)}
 
 
 def stop_reason_text(reason) -> str:

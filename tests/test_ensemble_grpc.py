@@ -79,6 +79,16 @@ def test_sampling_with_seed_is_reproducible(tiny_stack):
     assert other.token_ids != first.token_ids
 
 
+def test_logit_bias_reaches_the_engine(tiny_stack):
+    forced = 9259  # "Hello"
+    result = generate(tiny_stack.grpc_url, PROMPTS[0], 6, stream=True, logit_bias_ids=[forced],
+                      logit_bias_values=[100.0])
+    assert result.token_ids == [forced] * 6
+    mismatched = generate(tiny_stack.grpc_url, PROMPTS[0], 6, stream=True, logit_bias_ids=[forced, 5],
+                          logit_bias_values=[1.0])
+    assert mismatched.error and "logit_bias_ids has 2 entries" in mismatched.error
+
+
 def engine_gauge(stack, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5) as reply:
         for line in reply.read().decode().splitlines():

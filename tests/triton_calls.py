@@ -28,6 +28,7 @@ def ensemble_inputs(prompt: str, max_tokens: int, stream: bool, **options) -> li
         "top_k": np.int32, "seed": np.uint64, "return_log_probs": np.bool_, "top_logprobs": np.int32,
         "exclude_input_in_output": np.bool_, "include_stop_str_in_output": np.bool_, "ignore_eos": np.bool_,
         "min_tokens": np.int32, "end_id": np.int32, "stop_token_ids": np.int32,
+        "logit_bias_ids": np.int32, "logit_bias_values": np.float32,
     }
     inputs = [tensor("text_input", [prompt], np.object_), tensor("max_tokens", [max_tokens], np.int32),
               tensor("stream", [stream], np.bool_)]

@@ -5,6 +5,7 @@ the running batch between decode steps. A request with `stop = true` cancels the
 the same id, as with TensorRT-LLM's backend.
 """
 
+import os
 import threading
 
 import torch
@@ -45,10 +46,18 @@ class TritonPythonModel:
             for key, (name, text) in GAUGES.items()
         }
         gauges = {key: family.Metric(labels=labels) for key, family in families.items()}
+        server = os.getppid()
         while not self.closed.wait(0.2):
+            if os.getppid() != server:
+                # tritonserver died without finalizing us; the stub's own exit path can hang on the
+                # engine's threads, so leave now rather than linger as an orphan.
+                os._exit(1)
             stats = self.engine.stats()
-            for key, gauge in gauges.items():
-                gauge.set(stats[key])
+            try:
+                for key, gauge in gauges.items():
+                    gauge.set(stats[key])
+            except Exception:  # the server is shutting down: keep watching for its death
+                continue
 
     def execute(self, requests):
         for request in requests:
