@@ -25,8 +25,10 @@ serve: model
 test: model
 	$(PY) -m pytest -q -ra
 
+# Minutes of load on this machine: run it alone. Results land in bench/results/.
 bench: model
-	$(PY) -m bench.throughput
+	$(PY) -m bench.engine_decode
+	$(PY) -m bench.serve_load
 
 clean:
 	rm -rf $(CACHE)/run

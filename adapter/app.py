@@ -11,8 +11,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from adapter import API_VERSION, __version__
 from adapter.engine import Engine
 from adapter.errors import ModelNotFoundError, install_exception_handlers
+from adapter.metrics import CONTENT_TYPE, Metrics
+from adapter.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from adapter.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from adapter.serving_base import ServedModel
 from adapter.serving_chat import ChatRenderer, OpenAIServingChat
@@ -40,6 +43,10 @@ def _model(request: Request) -> ServedModel:
     return request.app.state.served_model
 
 
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
 @router.get("/v1/health/live")
 async def health_live() -> dict:
     return {"status": "live"}
@@ -64,6 +71,21 @@ async def retrieve_model(name: str, model: ServedModel = Depends(_model)) -> dic
     return _card(model).model_dump(mode="json")
 
 
+@router.get("/v1/metrics")
+async def metrics(registry: Metrics = Depends(_metrics)) -> Response:
+    return Response(await registry.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/metadata")
+async def metadata(model: ServedModel = Depends(_model)) -> dict:
+    return _metadata(model)
+
+
+@router.get("/v1/version")
+async def version() -> dict:
+    return {"release": __version__, "api": API_VERSION}
+
+
 @router.post("/v1/chat/completions")
 async def create_chat_completion(
     body: ChatCompletionRequest, raw: Request, serving: OpenAIServingChat = Depends(_chat)
@@ -80,6 +102,18 @@ async def create_completion(
 
 def _card(model: ServedModel) -> ModelCard:
     return ModelCard(id=model.name, created=model.created, root=model.name, max_model_len=model.max_model_len)
+
+
+def _metadata(model: ServedModel) -> dict:
+    """NIM's `/v1/metadata` shape (`version`, `modelInfo`, `assetInfo`), with what this server knows."""
+    return {
+        "version": __version__,
+        "modelInfo": [{"shortName": model.name, "modelUrl": model.name, "maxModelLen": model.max_model_len,
+                       "vocabSize": model.vocab_size}],
+        "assetInfo": [model.name],
+        "licenseInfo": None,
+        "repository_override": "",
+    }
 
 
 def load_tokenizer(settings: Settings) -> Any | None:
@@ -118,12 +152,15 @@ def create_app(
             name=settings.model_name,
             max_model_len=settings.resolved_max_model_len(),
             root=str(settings.model_dir) if settings.model_dir else None,
+            vocab_size=settings.resolved_vocab_size() or getattr(the_tokenizer, "vocab_size", None),
         )
+        metrics = Metrics(served.name, settings.resolved_triton_metrics_url() if engine is None else None)
         app.state.settings = settings
         app.state.engine = the_engine
         app.state.served_model = served
-        app.state.serving_chat = OpenAIServingChat(the_engine, served, the_tokenizer, chat_template, render)
-        app.state.serving_completion = OpenAIServingCompletion(the_engine, served, the_tokenizer)
+        app.state.metrics = metrics
+        app.state.serving_chat = OpenAIServingChat(the_engine, served, the_tokenizer, chat_template, render, metrics)
+        app.state.serving_completion = OpenAIServingCompletion(the_engine, served, the_tokenizer, metrics)
         logger.info("serving %s from Triton at %s (model %s)", served.name, settings.triton_grpc_url,
                     settings.triton_model_name)
         try:
@@ -131,7 +168,12 @@ def create_app(
         finally:
             await the_engine.close()
 
-    app = FastAPI(title="OpenAI-compatible LLM API", lifespan=lifespan)
+    app = FastAPI(title="OpenAI-compatible LLM API", version=__version__, lifespan=lifespan)
     install_exception_handlers(app)
     app.include_router(router)
+    # The last added runs first: keys are checked before a body is read.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body_bytes)
+    keys = settings.resolved_api_keys()
+    app.add_middleware(APIKeyMiddleware, keys=keys)
+    logger.info("API keys: %s", f"required ({len(keys)} configured)" if keys else "off")
     return app

@@ -73,6 +73,32 @@ class BadRequestError(APIError):
     type = "invalid_request_error"
 
 
+class ContextLengthError(BadRequestError):
+    """The prompt (plus max_tokens) does not fit the context; the serving layer names the prompt's param."""
+
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(APIError):
+    """No API key, or not one of the configured keys (OpenAI's shape; the key itself is never echoed)."""
+
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Incorrect API key provided. Send it as `Authorization: Bearer <key>`."):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class RequestTooLargeError(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+    def __init__(self, limit: int):
+        super().__init__(f"The request body is larger than the limit of {limit} bytes.")
+
+
 class ModelNotFoundError(APIError):
     status_code = 404
     type = "invalid_request_error"

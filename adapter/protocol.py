@@ -29,22 +29,9 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIBaseModel):
-    """The fields chat and completions share; `to_generation_params` is the only API -> engine mapping."""
+class SamplingExtras(OpenAIBaseModel):
+    """vLLM's sampling extras; accepted at the top level and, as NIM does, under `nvext` with the same meaning."""
 
-    model: str | None = None  # None: the served model
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # vLLM's extras
     top_k: int | None = Field(default=None, ge=-1)  # -1 and 0: off
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
@@ -54,19 +41,47 @@ class SamplingRequest(OpenAIBaseModel):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
 
-    @field_validator("n")
+
+EXTRA_FIELDS = tuple(SamplingExtras.model_fields)
+MAX_CHOICES = 128  # n and best_of, as OpenAI's limit on n
+
+
+class NVExt(SamplingExtras):
+    """NIM's `nvext` object."""
+
+
+class SamplingRequest(SamplingExtras):
+    """The fields chat and completions share; `to_generation_params` is the only API -> engine mapping."""
+
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    nvext: NVExt | None = None
+
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n < 1:
-            raise ValueError("n must be at least 1")
-        if n > 1:
-            raise ValueError("n > 1 is not supported yet")
-        return n
+    def _bias_range(cls, bias: dict[int, float] | None) -> dict[int, float] | None:
+        for token_id, value in (bias or {}).items():
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100]; token {token_id} has {value}")
+        return bias
 
     @model_validator(mode="after")
     def _log_unknown_fields(self):
-        if self.model_extra:
-            logger.warning("ignoring unsupported request fields: %s", ", ".join(sorted(self.model_extra)))
+        unknown = sorted(self.model_extra or {})
+        unknown += [f"nvext.{k}" for k in sorted((self.nvext.model_extra or {}) if self.nvext else {})]
+        if unknown:
+            logger.warning("ignoring unsupported request fields: %s", ", ".join(unknown))
         return self
 
     # Per endpoint: the max_tokens asked for, and (return_log_probs, top_logprobs).
@@ -76,6 +91,10 @@ class SamplingRequest(OpenAIBaseModel):
     def logprob_params(self) -> tuple[bool, int | None]:
         return False, None
 
+    def num_sequences(self) -> int:
+        """Engine sequences sampled per prompt (completions' best_of may ask for more than the n returned)."""
+        return self.n
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -84,12 +103,33 @@ class SamplingRequest(OpenAIBaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
-    def to_generation_params(self, *, add_special_tokens: bool | None = None) -> GenerationParams:
+    def extra(self, name: str):
+        """A vLLM extra from the top level or from `nvext` (the same field twice must agree)."""
+        top = getattr(self, name)
+        nested = getattr(self.nvext, name) if self.nvext is not None else None
+        if top is not None and nested is not None and top != nested:
+            raise BadRequestError(f"{name} is given at the top level and in nvext with different values.",
+                                  param=f"nvext.{name}")
+        return top if top is not None else nested
+
+    def logit_bias_pairs(self, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+        pairs = tuple(sorted((self.logit_bias or {}).items()))
+        for token_id, _ in pairs:
+            if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+                limit = f"[0, {vocab_size})" if vocab_size is not None else "non-negative"
+                raise BadRequestError(f"logit_bias: token id {token_id} is not in the vocabulary {limit}.",
+                                      param="logit_bias")
+        return pairs
+
+    def to_generation_params(
+        self, *, add_special_tokens: bool | None = None, vocab_size: int | None = None
+    ) -> GenerationParams:
         if self.stream_options is not None and not self.stream:
             raise BadRequestError("stream_options is only allowed when stream is true.", param="stream_options")
+        self.num_sequences()  # n / best_of checks
         # OpenAI's default is sampling at temperature 1, not the engine's greedy default.
         temperature = 1.0 if self.temperature is None else self.temperature
-        top_k = self.top_k
+        top_k = self.extra("top_k")
         if top_k is not None and top_k <= 0:
             top_k = None
         if temperature == 0.0:
@@ -101,17 +141,18 @@ class SamplingRequest(OpenAIBaseModel):
             temperature=temperature,
             top_p=self.top_p,
             top_k=top_k,
-            min_p=self.min_p,
+            min_p=self.extra("min_p"),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.extra("repetition_penalty"),
             seed=self.seed,
-            min_tokens=self.min_tokens,
+            min_tokens=self.extra("min_tokens"),
             stop=tuple(self.stop_list()),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output,
+            stop_token_ids=tuple(self.extra("stop_token_ids") or ()),
+            logit_bias=self.logit_bias_pairs(vocab_size),
+            ignore_eos=self.extra("ignore_eos"),
+            skip_special_tokens=self.extra("skip_special_tokens"),
+            include_stop_str_in_output=self.extra("include_stop_str_in_output"),
             add_special_tokens=add_special_tokens,
             return_log_probs=return_log_probs,
             top_logprobs=top_logprobs,
@@ -120,11 +161,15 @@ class SamplingRequest(OpenAIBaseModel):
 
 
 class ChatMessage(OpenAIBaseModel):
+    model_config = ConfigDict(extra="allow", validate_by_name=True, validate_by_alias=True)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # NIM's: on the final assistant message, continue it instead of opening a new turn.
+    continue_: bool = Field(default=False, alias="continue")
 
     @field_validator("content")
     @classmethod
@@ -171,11 +216,24 @@ class ChatCompletionRequest(SamplingRequest):
         return (True, self.top_logprobs or 0) if self.logprobs else (False, None)
 
     def template_messages(self) -> list[dict[str, Any]]:
-        if self.continue_final_message and self.add_generation_prompt:
-            raise BadRequestError(
-                "continue_final_message and add_generation_prompt cannot both be true.", param="continue_final_message"
-            )
         return [m.to_template() for m in self.messages]
+
+    def render_options(self) -> tuple[bool, bool]:
+        """(add_generation_prompt, continue_final_message): continuing the final assistant message (top-level
+        `continue_final_message`, or `"continue": true` on that message) opens no new turn."""
+        last = len(self.messages) - 1
+        for i, message in enumerate(self.messages):
+            if message.continue_ and (i != last or message.role != "assistant"):
+                raise BadRequestError("Only the final message, an assistant message, can be continued.",
+                                      param=f"messages[{i}].continue")
+        continue_final = self.continue_final_message or self.messages[last].continue_
+        add_generation_prompt = self.add_generation_prompt
+        if continue_final:
+            if add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+                raise BadRequestError("continue_final_message and add_generation_prompt cannot both be true.",
+                                      param="add_generation_prompt")
+            add_generation_prompt = False
+        return add_generation_prompt, continue_final
 
 
 class CompletionRequest(SamplingRequest):
@@ -183,21 +241,38 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    suffix: str | None = None
 
     def logprob_params(self) -> tuple[bool, int | None]:
+        if self.num_sequences() > self.n:
+            # best_of ranks by cumulative log-probability, which the engine reports only with log probs.
+            return True, self.logprobs or 0
         return (True, self.logprobs) if self.logprobs is not None else (False, None)
 
-    def prompt_input(self) -> str | list[int]:
-        """The one prompt of this request: text or token ids."""
+    def num_sequences(self) -> int:
+        best_of = self.n if self.best_of is None else self.best_of
+        if best_of < self.n:
+            raise BadRequestError(f"best_of must be greater than or equal to n; got best_of={best_of}, n={self.n}.",
+                                  param="best_of")
+        if self.stream and best_of > 1 and self.best_of is not None:
+            raise BadRequestError("best_of cannot be used with stream: the best choices are known only at the end.",
+                                  param="best_of")
+        return best_of
+
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts of this request (a batch is a list of texts or of token-id lists), text or token ids."""
+        if self.suffix:
+            raise BadRequestError("suffix is not supported: this model has no fill-in-the-middle mode.",
+                                  param="suffix")
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise BadRequestError("Batched prompts are not supported yet: send one prompt per request.",
+        prompts = list(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) \
+            else [prompt]
+        for i, one in enumerate(prompts):
+            if (isinstance(one, list) and not one) or (one == "" and len(prompts) > 1):
+                raise BadRequestError("The prompt is empty." if len(prompts) == 1 else f"Prompt {i} is empty.",
                                       param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, list) and not prompt:
-            raise BadRequestError("The prompt is empty.", param="prompt")
-        return prompt
+        return prompts
 
 
 # --- responses ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""What the endpoint families share: the served model, token texts, request progress, and request lifetime
-(errors before the first byte become proper statuses; a client that goes away cancels its request)."""
+"""What the endpoint families share: the served model, token texts, request progress, request lifetime (errors
+before the first byte become proper statuses; a client that goes away cancels its request), and the fan-out of
+one API request into engine sequences (`n`, `best_of`, batched prompts) whose answers arrive interleaved."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import asyncio
 import hashlib
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from fastapi import Request, Response
+from pydantic import BaseModel
 
 from adapter.engine import Engine, EngineChunk, GenerationParams
-from adapter.errors import ModelNotFoundError
+from adapter.errors import ContextLengthError, ModelNotFoundError
+from adapter.metrics import Metrics
 from adapter.protocol import UsageInfo
+from adapter.sse import sse_response
 
 # JSON has no -inf; vLLM reports impossible tokens as this.
 MIN_LOGPROB = -9999.0
@@ -32,6 +37,7 @@ class ServedModel:
     name: str
     max_model_len: int | None = None
     root: str | None = None
+    vocab_size: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -56,8 +62,15 @@ class RequestProgress:
     completion_tokens: int = 0
     engine_finish_reason: str | None = None
     engine_stop_reason: str | None = None
+    cum_log_prob: float | None = None
+    first_token_at: float | None = None  # time.monotonic()
+    ended_at: float | None = None
 
     def update(self, chunk: EngineChunk) -> None:
+        if self.first_token_at is None and (chunk.token_ids or chunk.text):
+            self.first_token_at = time.monotonic()
+        if chunk.cum_log_prob is not None:
+            self.cum_log_prob = chunk.cum_log_prob
         if chunk.num_input_tokens is not None:
             self.prompt_tokens = chunk.num_input_tokens
         if chunk.num_output_tokens is not None:
@@ -97,10 +110,147 @@ async def first_chunk(stream: AsyncIterator[EngineChunk]) -> EngineChunk | None:
 
 
 async def chained(first: EngineChunk | None, rest: AsyncIterator[EngineChunk]) -> AsyncIterator[EngineChunk]:
-    if first is not None:
-        yield first
-    async for chunk in rest:
-        yield chunk
+    async with aclosing(rest):  # closing this closes the engine stream (and so cancels its request)
+        if first is not None:
+            yield first
+        async for chunk in rest:
+            yield chunk
+
+
+async def merged(streams: list[AsyncIterator[EngineChunk]]) -> AsyncIterator[tuple[int, EngineChunk | None]]:
+    """The streams' chunks as they arrive, as (stream index, chunk), and (index, None) when a stream ends.
+    The first error of any stream ends the whole; closing this closes (and so cancels) every stream."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for chunk in only:
+                yield 0, chunk
+        yield 0, None
+        return
+    queue: asyncio.Queue[tuple[int, EngineChunk | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[EngineChunk]) -> None:
+        try:
+            async with aclosing(stream):
+                async for chunk in stream:
+                    queue.put_nowait((index, chunk, None))
+            queue.put_nowait((index, None, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader
+            queue.put_nowait((index, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                running -= 1
+            yield index, chunk
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One engine request of an API request: choice `index` of prompt `prompt_index`."""
+
+    index: int
+    prompt_index: int
+    prompt: str | list[int]
+    params: GenerationParams
+    request_id: str
+
+
+def fan_out(request_id: str, prompts: list[str | list[int]], params: GenerationParams,
+            per_prompt: int) -> list[Sequence]:
+    """`per_prompt` engine sequences for each prompt, with ids `<id>-<k>` (just `<id>` for a single one). With a
+    seed, sequence i of a prompt samples with seed + i: the choices differ, and the same request reproduces them."""
+    single = len(prompts) == 1 and per_prompt == 1
+    sequences = []
+    for p, prompt in enumerate(prompts):
+        for i in range(per_prompt):
+            k = p * per_prompt + i
+            seeded = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+            sequences.append(Sequence(k, p, prompt, seeded, request_id if single else f"{request_id}-{k}"))
+    return sequences
+
+
+class Generation:
+    """The engine sequences of one API request: started together, read interleaved, counted together."""
+
+    def __init__(self, engine: Engine, sequences: list[Sequence], metrics: Metrics | None = None):
+        self.sequences = sequences
+        self.progress = [RequestProgress(s.params) for s in sequences]
+        self.metrics = metrics
+        self.started_at = time.monotonic()
+        self._streams: list[AsyncIterator[EngineChunk]] = [
+            engine.generate(s.request_id, s.prompt, s.params) for s in sequences
+        ]
+
+    async def start(self) -> None:
+        """Wait for every sequence's first answer (see `first_chunk`); on any error, cancel them all."""
+        firsts = await asyncio.gather(*(first_chunk(s) for s in self._streams), return_exceptions=True)
+        errors = [f for f in firsts if isinstance(f, BaseException)]
+        if errors:
+            for stream in self._streams:
+                await stream.aclose()
+            raise errors[0]
+        self._streams = [chained(f, s) for f, s in zip(firsts, self._streams)]
+
+    async def close(self) -> None:
+        for stream in self._streams:
+            await stream.aclose()
+
+    async def events(self) -> AsyncIterator[tuple[int, EngineChunk | None]]:
+        """(sequence index, chunk) in arrival order, progress already updated; (index, None) when it ended."""
+        async with aclosing(merged(self._streams)) as chunks:
+            async for index, chunk in chunks:
+                progress = self.progress[index]
+                if chunk is None:
+                    progress.ended_at = time.monotonic()
+                else:
+                    progress.update(chunk)
+                yield index, chunk
+        self._record()
+
+    def selected(self, n: int) -> list[tuple[int, int]]:
+        """(output choice index, sequence index): per prompt, its `n` sequences of highest cumulative
+        log-probability (best_of), or all of them in order when there are only n."""
+        out: list[tuple[int, int]] = []
+        prompts = sorted({s.prompt_index for s in self.sequences})
+        for p in prompts:
+            candidates = [s.index for s in self.sequences if s.prompt_index == p]
+            if len(candidates) > n:
+                candidates = sorted(candidates, key=lambda k: self._rank(k), reverse=True)[:n]
+            out += [(p * n + rank, k) for rank, k in enumerate(candidates)]
+        return out
+
+    def _rank(self, index: int) -> float:
+        cum = self.progress[index].cum_log_prob
+        return -math.inf if cum is None or math.isnan(cum) else cum
+
+    def usage(self) -> UsageInfo:
+        """OpenAI's: each prompt counted once, the tokens of every sampled sequence (best_of's too)."""
+        return UsageInfo.of(self._prompt_tokens(), sum(p.completion_tokens for p in self.progress))
+
+    def _prompt_tokens(self) -> int:
+        firsts = {}
+        for s, p in zip(self.sequences, self.progress):
+            firsts.setdefault(s.prompt_index, p.prompt_tokens)
+        return sum(firsts.values())
+
+    def _record(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe_prompt(self._prompt_tokens())
+        for s, p in zip(self.sequences, self.progress):
+            # Time to first token is only known when the engine streamed (one response per step).
+            first = p.first_token_at - self.started_at if p.first_token_at is not None and s.params.stream else None
+            self.metrics.observe_sequence(finish_reason=p.finish_reason(), output_tokens=p.completion_tokens,
+                                          first_token_s=first, e2e_s=(p.ended_at or time.monotonic()) - self.started_at)
 
 
 async def run_until_disconnected(raw: Request, work: Awaitable[Response]) -> Response:
@@ -128,11 +278,38 @@ async def run_until_disconnected(raw: Request, work: Awaitable[Response]) -> Res
 class OpenAIServing:
     """Base of the endpoint families: the engine, the tokenizer and the served model's identity."""
 
-    def __init__(self, engine: Engine, model: ServedModel, tokenizer: TokenizerLike | None):
+    prompt_param = "prompt"  # the request field that an over-long prompt is blamed on
+
+    def __init__(self, engine: Engine, model: ServedModel, tokenizer: TokenizerLike | None,
+                 metrics: Metrics | None = None):
         self.engine = engine
         self.model = model
         self.tokenizer = tokenizer
+        self.metrics = metrics
         self._token_texts: dict[int, str] = {}
+
+    def generation(self, request_id: str, prompts: list[str | list[int]], params: GenerationParams,
+                   per_prompt: int) -> Generation:
+        return Generation(self.engine, fan_out(request_id, prompts, params, per_prompt), self.metrics)
+
+    async def respond(
+        self,
+        raw: Request,
+        generation: Generation,
+        stream: bool,
+        chunks: Callable[[], AsyncIterator[BaseModel]],
+        whole: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        """Streamed: wait for the first answers (errors become statuses), then SSE. Whole: generate, cancelling
+        when the client goes away."""
+        try:
+            if stream:
+                await generation.start()
+                return sse_response(chunks())
+            return await run_until_disconnected(raw, whole())
+        except ContextLengthError as exc:
+            exc.param = self.prompt_param
+            raise
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model.name:

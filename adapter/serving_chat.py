@@ -27,17 +27,8 @@ from adapter.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from adapter.serving_base import (
-    OpenAIServing,
-    RequestProgress,
-    ServedModel,
-    TokenizerLike,
-    chained,
-    clamp_logprob,
-    first_chunk,
-    run_until_disconnected,
-)
-from adapter.sse import sse_response
+from adapter.metrics import Metrics
+from adapter.serving_base import Generation, OpenAIServing, ServedModel, TokenizerLike, clamp_logprob
 
 logger = logging.getLogger("adapter.chat")
 
@@ -53,6 +44,8 @@ def default_renderer() -> ChatRenderer:
 
 
 class OpenAIServingChat(OpenAIServing):
+    prompt_param = "messages"
+
     def __init__(
         self,
         engine: Engine,
@@ -60,22 +53,24 @@ class OpenAIServingChat(OpenAIServing):
         tokenizer: TokenizerLike | None,
         chat_template: str | None,
         render: ChatRenderer | None = None,
+        metrics: Metrics | None = None,
     ):
-        super().__init__(engine, model, tokenizer)
+        super().__init__(engine, model, tokenizer, metrics)
         self.chat_template = chat_template
         self._render = render
 
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_model(request.model)
-        params = request.to_generation_params(add_special_tokens=False)  # the template already has BOS
+        # The template already has BOS.
+        params = request.to_generation_params(add_special_tokens=False, vocab_size=self.model.vocab_size)
         prompt = self.render_prompt(request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = self.engine.generate(request_id, prompt, params)
-        progress = RequestProgress(params)
-        if request.stream:
-            first = await first_chunk(stream)
-            return sse_response(self._chunks(request, request_id, progress, chained(first, stream)))
-        return await run_until_disconnected(raw, self._whole(request, request_id, progress, stream))
+        generation = self.generation(request_id, [prompt], params, request.n)
+        return await self.respond(
+            raw, generation, request.stream,
+            lambda: self._chunks(request, request_id, generation),
+            lambda: self._whole(request, request_id, generation),
+        )
 
     def render_prompt(self, request: ChatCompletionRequest) -> str:
         if self.chat_template is None:
@@ -86,12 +81,13 @@ class OpenAIServingChat(OpenAIServing):
             )
         render = self._render or default_renderer()
         extra = {k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in _RENDER_ARGS}
+        add_generation_prompt, continue_final_message = request.render_options()
         try:
             return render(
                 self.chat_template,
                 request.template_messages(),
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
                 bos_token=_special_token(self.tokenizer, "bos"),
                 eos_token=_special_token(self.tokenizer, "eos"),
                 tools=request.tools,
@@ -100,37 +96,39 @@ class OpenAIServingChat(OpenAIServing):
         except ValueError as exc:  # tokenization.chat_template.ChatTemplateError, raise_exception() in templates
             raise BadRequestError(str(exc), param="messages") from None
 
-    async def _whole(
-        self, request: ChatCompletionRequest, request_id: str, progress: RequestProgress,
-        stream: AsyncIterator[EngineChunk],
-    ) -> Response:
-        text: list[str] = []
-        logprobs: list[ChatCompletionLogProbsContent] | None = [] if request.logprobs else None
-        async with aclosing(stream):
-            async for chunk in stream:
-                progress.update(chunk)
-                text.append(chunk.text)
-                if logprobs is not None:
-                    logprobs.extend(self.logprobs_content(chunk, request.top_logprobs or 0))
+    async def _whole(self, request: ChatCompletionRequest, request_id: str, generation: Generation) -> Response:
+        sequences = generation.sequences
+        texts: list[list[str]] = [[] for _ in sequences]
+        logprobs: list[list[ChatCompletionLogProbsContent] | None] = [
+            [] if request.logprobs else None for _ in sequences
+        ]
+        async with aclosing(generation.events()) as events:
+            async for k, chunk in events:
+                if chunk is None:
+                    continue
+                texts[k].append(chunk.text)
+                if logprobs[k] is not None:
+                    logprobs[k].extend(self.logprobs_content(chunk, request.top_logprobs or 0))
         response = ChatCompletionResponse(
             id=request_id,
             model=self.model.name,
             system_fingerprint=self.model.system_fingerprint,
             choices=[
                 ChatCompletionResponseChoice(
-                    message=ChatResponseMessage(content="".join(text)),
-                    logprobs=ChatCompletionLogProbs(content=logprobs) if logprobs is not None else None,
-                    finish_reason=progress.finish_reason(),
-                    stop_reason=progress.stop_reason(),
+                    index=index,
+                    message=ChatResponseMessage(content="".join(texts[k])),
+                    logprobs=ChatCompletionLogProbs(content=logprobs[k]) if logprobs[k] is not None else None,
+                    finish_reason=generation.progress[k].finish_reason(),
+                    stop_reason=generation.progress[k].stop_reason(),
                 )
+                for index, k in generation.selected(request.n)
             ],
-            usage=progress.usage(),
+            usage=generation.usage(),
         )
         return JSONResponse(response.model_dump(mode="json"))
 
     async def _chunks(
-        self, request: ChatCompletionRequest, request_id: str, progress: RequestProgress,
-        stream: AsyncIterator[EngineChunk],
+        self, request: ChatCompletionRequest, request_id: str, generation: Generation
     ) -> AsyncIterator[ChatCompletionChunk]:
         created = int(time.time())
 
@@ -140,21 +138,25 @@ class OpenAIServingChat(OpenAIServing):
                 system_fingerprint=self.model.system_fingerprint, choices=choices, usage=usage,
             )
 
-        yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
-        async with aclosing(stream):
-            async for engine_chunk in stream:
-                progress.update(engine_chunk)
+        for s in generation.sequences:
+            yield chunk([ChatCompletionStreamChoice(index=s.index, delta=DeltaMessage(role="assistant", content=""))])
+        async with aclosing(generation.events()) as events:
+            async for k, engine_chunk in events:
+                if engine_chunk is None:
+                    progress = generation.progress[k]
+                    yield chunk([ChatCompletionStreamChoice(index=k, delta=DeltaMessage(),
+                                                            finish_reason=progress.finish_reason(),
+                                                            stop_reason=progress.stop_reason())])
+                    continue
                 logprobs = None
                 if request.logprobs and engine_chunk.token_ids:
                     content = self.logprobs_content(engine_chunk, request.top_logprobs or 0)
                     logprobs = ChatCompletionLogProbs(content=content)
                 if engine_chunk.text or logprobs is not None:
-                    yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(content=engine_chunk.text),
+                    yield chunk([ChatCompletionStreamChoice(index=k, delta=DeltaMessage(content=engine_chunk.text),
                                                             logprobs=logprobs)])
-        yield chunk([ChatCompletionStreamChoice(delta=DeltaMessage(), finish_reason=progress.finish_reason(),
-                                                stop_reason=progress.stop_reason())])
         if request.include_usage:
-            yield chunk([], usage=progress.usage())
+            yield chunk([], usage=generation.usage())
 
     def logprobs_content(self, chunk: EngineChunk, top_n: int) -> list[ChatCompletionLogProbsContent]:
         content = []

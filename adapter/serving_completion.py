@@ -20,32 +20,26 @@ from adapter.protocol import (
     CompletionResponseChoice,
     UsageInfo,
 )
-from adapter.serving_base import (
-    OpenAIServing,
-    RequestProgress,
-    chained,
-    clamp_logprob,
-    first_chunk,
-    run_until_disconnected,
-)
-from adapter.sse import sse_response
+from adapter.serving_base import Generation, OpenAIServing, clamp_logprob
 
 
 class OpenAIServingCompletion(OpenAIServing):
+    prompt_param = "prompt"
+
     async def create(self, request: CompletionRequest, raw: Request) -> Response:
         self.check_model(request.model)
-        params = request.to_generation_params(add_special_tokens=True)
-        prompt = request.prompt_input()
+        params = request.to_generation_params(add_special_tokens=True, vocab_size=self.model.vocab_size)
+        prompts = request.prompt_inputs()
         if request.echo and request.logprobs is not None:
             raise BadRequestError("echo with logprobs is not supported yet.", param="echo")
-        echo = self.prompt_text(prompt) if request.echo else ""
+        echoes = [self.prompt_text(p) if request.echo else "" for p in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = self.engine.generate(request_id, prompt, params)
-        progress = RequestProgress(params)
-        if request.stream:
-            first = await first_chunk(stream)
-            return sse_response(self._chunks(request, request_id, progress, echo, chained(first, stream)))
-        return await run_until_disconnected(raw, self._whole(request, request_id, progress, echo, stream))
+        generation = self.generation(request_id, prompts, params, request.num_sequences())
+        return await self.respond(
+            raw, generation, request.stream,
+            lambda: self._chunks(request, request_id, generation, echoes),
+            lambda: self._whole(request, request_id, generation, echoes),
+        )
 
     def prompt_text(self, prompt: str | list[int]) -> str:
         if isinstance(prompt, str):
@@ -55,40 +49,43 @@ class OpenAIServingCompletion(OpenAIServing):
         return self.tokenizer.decode(list(prompt))
 
     async def _whole(
-        self, request: CompletionRequest, request_id: str, progress: RequestProgress, echo: str,
-        stream: AsyncIterator[EngineChunk],
+        self, request: CompletionRequest, request_id: str, generation: Generation, echoes: list[str]
     ) -> Response:
-        text = [echo]
-        logprobs = CompletionLogProbs() if request.logprobs is not None else None
-        offset = len(echo)
-        async with aclosing(stream):
-            async for chunk in stream:
-                progress.update(chunk)
-                text.append(chunk.text)
-                if logprobs is not None:
-                    offset = self.add_logprobs(logprobs, chunk, request.logprobs or 0, offset)
+        sequences = generation.sequences
+        texts = [[echoes[s.prompt_index]] for s in sequences]
+        logprobs = [CompletionLogProbs() if request.logprobs is not None else None for _ in sequences]
+        offsets = [len(echoes[s.prompt_index]) for s in sequences]
+        async with aclosing(generation.events()) as events:
+            async for i, chunk in events:
+                if chunk is None:
+                    continue
+                texts[i].append(chunk.text)
+                if logprobs[i] is not None:
+                    offsets[i] = self.add_logprobs(logprobs[i], chunk, request.logprobs or 0, offsets[i])
         response = CompletionResponse(
             id=request_id,
             model=self.model.name,
             system_fingerprint=self.model.system_fingerprint,
             choices=[
                 CompletionResponseChoice(
-                    text="".join(text),
-                    logprobs=logprobs,
-                    finish_reason=progress.finish_reason(),
-                    stop_reason=progress.stop_reason(),
+                    index=index,
+                    text="".join(texts[k]),
+                    logprobs=logprobs[k],
+                    finish_reason=generation.progress[k].finish_reason(),
+                    stop_reason=generation.progress[k].stop_reason(),
                 )
+                for index, k in generation.selected(request.n)
             ],
-            usage=progress.usage(),
+            usage=generation.usage(),
         )
         return JSONResponse(response.model_dump(mode="json"))
 
     async def _chunks(
-        self, request: CompletionRequest, request_id: str, progress: RequestProgress, echo: str,
-        stream: AsyncIterator[EngineChunk],
+        self, request: CompletionRequest, request_id: str, generation: Generation, echoes: list[str]
     ) -> AsyncIterator[CompletionChunk]:
+        # Streaming never has best_of > n, so sequence k is choice k.
         created = int(time.time())
-        offset = len(echo)
+        offsets = [len(echoes[s.prompt_index]) for s in generation.sequences]
 
         def chunk(choices: list[CompletionResponseChoice], usage: UsageInfo | None = None) -> CompletionChunk:
             return CompletionChunk(
@@ -96,21 +93,24 @@ class OpenAIServingCompletion(OpenAIServing):
                 system_fingerprint=self.model.system_fingerprint, choices=choices, usage=usage,
             )
 
-        if echo:
-            yield chunk([CompletionResponseChoice(text=echo)])
-        async with aclosing(stream):
-            async for engine_chunk in stream:
-                progress.update(engine_chunk)
+        for s in generation.sequences:
+            if echoes[s.prompt_index]:
+                yield chunk([CompletionResponseChoice(index=s.index, text=echoes[s.prompt_index])])
+        async with aclosing(generation.events()) as events:
+            async for k, engine_chunk in events:
+                if engine_chunk is None:
+                    progress = generation.progress[k]
+                    yield chunk([CompletionResponseChoice(index=k, text="", finish_reason=progress.finish_reason(),
+                                                          stop_reason=progress.stop_reason())])
+                    continue
                 logprobs = None
                 if request.logprobs is not None and engine_chunk.token_ids:
                     logprobs = CompletionLogProbs()
-                    offset = self.add_logprobs(logprobs, engine_chunk, request.logprobs, offset)
+                    offsets[k] = self.add_logprobs(logprobs, engine_chunk, request.logprobs, offsets[k])
                 if engine_chunk.text or logprobs is not None:
-                    yield chunk([CompletionResponseChoice(text=engine_chunk.text, logprobs=logprobs)])
-        yield chunk([CompletionResponseChoice(text="", finish_reason=progress.finish_reason(),
-                                              stop_reason=progress.stop_reason())])
+                    yield chunk([CompletionResponseChoice(index=k, text=engine_chunk.text, logprobs=logprobs)])
         if request.include_usage:
-            yield chunk([], usage=progress.usage())
+            yield chunk([], usage=generation.usage())
 
     def add_logprobs(self, logprobs: CompletionLogProbs, chunk: EngineChunk, top_n: int, offset: int) -> int:
         """Append one engine chunk's tokens to the legacy logprobs shape; returns the next text offset."""

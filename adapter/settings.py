@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     triton_model_name: str = Field(default="ensemble", validation_alias="TRITON_MODEL_NAME")
     triton_engine_model_name: str = Field(default="tensorrt_llm", validation_alias="TRITON_ENGINE_MODEL_NAME")
     triton_health_timeout_s: float = Field(default=2.0, gt=0, validation_alias="TRITON_HEALTH_TIMEOUT_S")
+    # Triton's Prometheus endpoint (the engine's running/waiting gauges); default: TRITON_METRICS_PORT on localhost.
+    triton_metrics_url: str | None = Field(default=None, validation_alias="TRITON_METRICS_URL")
+    triton_metrics_port: int = Field(default=8002, validation_alias="TRITON_METRICS_PORT")
+    # API keys: none configured means no authentication. Comma-separated, and/or a file with one key per line.
+    api_keys: str | None = Field(default=None, validation_alias="NIM_API_KEYS", repr=False)
+    api_keys_file: Path | None = Field(default=None, validation_alias="NIM_API_KEYS_FILE")
+    max_request_body_bytes: int = Field(default=10 * 2**20, ge=1, validation_alias="NIM_MAX_REQUEST_BODY_BYTES")
 
     @model_validator(mode="after")
     def _default_model_name(self):
@@ -40,6 +47,13 @@ class Settings(BaseSettings):
         """NIM_MAX_MODEL_LEN, else the checkpoint's `max_position_embeddings` (config.json), else unknown."""
         if self.max_model_len is not None:
             return self.max_model_len
+        return self._model_config_int("max_position_embeddings")
+
+    def resolved_vocab_size(self) -> int | None:
+        """The model's vocabulary size (config.json `vocab_size`): the token ids it can produce."""
+        return self._model_config_int("vocab_size")
+
+    def _model_config_int(self, key: str) -> int | None:
         if self.model_dir is None:
             return None
         try:
@@ -47,10 +61,21 @@ class Settings(BaseSettings):
         except (OSError, ValueError):
             return None
         for section in (config, config.get("text_config") or {}):
-            value = section.get("max_position_embeddings")
+            value = section.get(key)
             if isinstance(value, int) and value > 0:
                 return value
         return None
+
+    def resolved_triton_metrics_url(self) -> str:
+        return self.triton_metrics_url or f"http://127.0.0.1:{self.triton_metrics_port}/metrics"
+
+    def resolved_api_keys(self) -> tuple[str, ...]:
+        """The configured keys (NIM_API_KEYS and NIM_API_KEYS_FILE together); empty: authentication is off."""
+        keys = [k.strip() for k in (self.api_keys or "").split(",")]
+        if self.api_keys_file is not None:
+            lines = [line.strip() for line in self.api_keys_file.read_text(encoding="utf-8").splitlines()]
+            keys += [line for line in lines if not line.startswith("#")]  # comments allowed in the file
+        return tuple(dict.fromkeys(k for k in keys if k))
 
     def chat_template_override(self) -> str | None:
         return self.chat_template.read_text(encoding="utf-8") if self.chat_template else None

@@ -26,6 +26,7 @@ from adapter.engine import EngineChunk, GenerationParams
 from adapter.errors import (
     APIError,
     BadRequestError,
+    ContextLengthError,
     EngineInternalError,
     EngineOverloadedError,
     EngineUnavailableError,
@@ -80,6 +81,9 @@ def ensemble_inputs(prompt: str | list[int], params: GenerationParams) -> Tensor
         tensors["stop_words"] = np.array([[s.encode("utf-8") for s in params.stop]], dtype=np.object_)
     if params.stop_token_ids:
         tensors["stop_token_ids"] = np.array([list(params.stop_token_ids)], dtype=np.int32)
+    if params.logit_bias:
+        tensors["logit_bias_ids"] = np.array([[t for t, _ in params.logit_bias]], dtype=np.int32)
+        tensors["logit_bias_values"] = np.array([[b for _, b in params.logit_bias]], dtype=np.float32)
     if params.return_log_probs:
         tensors["return_log_probs"] = _scalar(True, np.bool_)
         tensors["top_logprobs"] = _scalar(params.top_logprobs or 0, np.int32)
@@ -176,6 +180,7 @@ _OVERLOADED = re.compile(
 )
 _UNAVAILABLE = re.compile(r"unknown model|is not found|not ready|no available version|is unavailable|"
                           r"server is (?:stopping|shutting down|not ready)|stopped accepting", re.I)
+_CONTEXT_LENGTH = re.compile(r"maximum context length", re.I)
 # Bad input: Triton's own input checks, and the ensemble's InvalidRequest messages.
 _BAD_INPUT = re.compile(
     r"InvalidRequest|maximum context length|prompt is empty|out of range|not supported|must be|"
@@ -196,6 +201,8 @@ def error_from_message(message: str) -> APIError:
         return EngineOverloadedError(cleaned)
     if _UNAVAILABLE.search(message):
         return EngineUnavailableError(cleaned)
+    if _CONTEXT_LENGTH.search(message):
+        return ContextLengthError(cleaned)
     if _BAD_INPUT.search(message):
         return BadRequestError(cleaned)
     logger.error("engine error: %s", message)

@@ -43,7 +43,7 @@ class LaunchSettings(BaseSettings):
     triton_ready_timeout_s: float = 600.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -112,7 +112,7 @@ def main() -> None:
         ),
         work_dir / "model_repository",
     )
-    http_port = settings.triton_http_port or _free_port()
+    http_port = settings.triton_http_port or free_port()
     triton_env = triton.environment(python_path=[str(REPO_ROOT)])
     processes: list[subprocess.Popen] = []
 

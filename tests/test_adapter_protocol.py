@@ -153,12 +153,13 @@ def test_completion_maps_prompt_logprobs_and_default_max_tokens():
     assert params.max_tokens == 16 and params.add_special_tokens is True
     assert (params.return_log_probs, params.top_logprobs) == (True, 2)
     assert params.stop == ("a", "b")
-    assert request.prompt_input() == "Once"
-    assert CompletionRequest(prompt=["x"]).prompt_input() == "x"
-    assert CompletionRequest(prompt=[1, 2, 3]).prompt_input() == [1, 2, 3]
-    assert CompletionRequest(prompt=[[4, 5]]).prompt_input() == [4, 5]
+    assert request.prompt_inputs() == ["Once"]
+    assert CompletionRequest(prompt=["x"]).prompt_inputs() == ["x"]
+    assert CompletionRequest(prompt=[1, 2, 3]).prompt_inputs() == [[1, 2, 3]]
+    assert CompletionRequest(prompt=[[4, 5]]).prompt_inputs() == [[4, 5]]
+    assert CompletionRequest(prompt=["a", "b"]).prompt_inputs() == ["a", "b"]  # a batch
     with pytest.raises(BadRequestError):
-        CompletionRequest(prompt=["a", "b"]).prompt_input()
+        CompletionRequest(prompt=["a", ""]).prompt_inputs()
 
 
 def test_messages_become_template_messages():
@@ -182,7 +183,15 @@ def test_messages_become_template_messages():
 @pytest.mark.parametrize(
     ("body", "param", "fragment"),
     [
-        ({"messages": USER, "n": 2}, "n", "n > 1 is not supported yet"),
+        ({"messages": USER, "n": 0}, "n", "greater than or equal to 1"),
+        ({"messages": USER, "n": 129}, "n", "less than or equal to 128"),
+        ({"messages": USER, "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+        ({"messages": USER, "logit_bias": {"x": 1}}, "logit_bias.x", ""),
+        ({"messages": USER, "top_k": 5, "nvext": {"top_k": 6}}, "nvext.top_k", "different values"),
+        ({"messages": USER, "nvext": {"min_p": 2}}, "nvext.min_p", ""),
+        ({"messages": [{"role": "user", "content": "x", "continue": True}]}, "messages[0].continue", ""),
+        ({"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True,
+          "add_generation_prompt": True}, "add_generation_prompt", "cannot both be true"),
         ({"messages": USER, "temperature": 2.5}, "temperature", "less than or equal to 2"),
         ({"messages": USER, "top_p": 0}, "top_p", "greater than 0"),
         ({"messages": USER, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
@@ -212,11 +221,14 @@ def test_chat_validation_errors_are_400_with_param(client, engine, body, param, 
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt"),
         ({"prompt": []}, "prompt"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+        ({"prompt": "x", "best_of": 2, "stream": True}, "best_of"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
-        ({"prompt": "x", "n": 3}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
         ({}, "prompt"),
     ],
 )
@@ -249,9 +261,9 @@ def test_unknown_model_is_404_model_not_found(client, engine):
 def test_unknown_fields_are_logged_not_rejected(client, engine, caplog):
     with caplog.at_level(logging.WARNING, logger="adapter.protocol"):
         reply = client.post("/v1/chat/completions",
-                            json={"model": MODEL, "messages": USER, "logit_bias": {"1": 2}, "frobnicate": True})
+                            json={"model": MODEL, "messages": USER, "nvext": {"guided_json": {}}, "frobnicate": True})
     assert reply.status_code == 200, reply.text
-    assert "frobnicate" in caplog.text and "logit_bias" in caplog.text
+    assert "frobnicate" in caplog.text and "nvext.guided_json" in caplog.text
 
 
 def test_param_from_loc():

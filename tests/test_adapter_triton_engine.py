@@ -18,7 +18,13 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, serialize_byte_tensor, triton_to_np_dtype
 
 from adapter.engine import GenerationParams
-from adapter.errors import BadRequestError, EngineInternalError, EngineOverloadedError, EngineUnavailableError
+from adapter.errors import (
+    BadRequestError,
+    ContextLengthError,
+    EngineInternalError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+)
 from adapter.triton_engine import (
     TritonEngine,
     clean_message,
@@ -188,7 +194,7 @@ def test_parse_outputs():
     [
         ("in ensemble 'ensemble', [request id: cmpl-1] Failed to process the request(s) for model instance "
          "'preprocessing_0_0', message: InvalidRequest: This model's maximum context length is 256 tokens.",
-         BadRequestError, "This model's maximum context length is 256 tokens."),
+         ContextLengthError, "This model's maximum context length is 256 tokens."),
         ("[request id: x] unexpected inference input 'foo' for model 'ensemble'", BadRequestError, None),
         ("in ensemble 'ensemble', the prompt is empty", BadRequestError, "the prompt is empty"),
         ("Exceeds maximum queue size", EngineOverloadedError, None),

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import start_stack, stop_stack
+from launcher.stack_process import start_stack, stop_stack
 
 
 def descendants(pid: int) -> set[int]:

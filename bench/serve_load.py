@@ -1,0 +1,218 @@
+"""Serving load through the whole stack (OpenAI API -> adapter -> Triton ensemble -> CPU engine), the way users
+measure it, with its baselines in the same run.
+
+    .venv/bin/python -m bench.serve_load [--url http://host:8000/v1] [--concurrency 1 4 16 32]
+
+Without --url it starts the service on the default model (`python -m launcher` on free ports). Each request
+sends a prompt of exactly --input-tokens token ids to /v1/completions with `ignore_eos`, asks for
+--output-tokens tokens, and streams. Reported per concurrency: time to first token p50/p99, inter-token
+latency p50, output tokens/s and requests/s. Baselines in the same run: the CPU engine driven in-process on
+the same load (what the adapter and Triton add), non-streamed requests at the highest concurrency (what
+streaming costs), and transformers' continuous batching (`generate_batch`) on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class RequestTiming:
+    ttft: float
+    e2e: float
+    tokens: int
+
+    @property
+    def itl(self) -> float:
+        return (self.e2e - self.ttft) / max(self.tokens - 1, 1)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(timings: list[RequestTiming], wall: float) -> dict:
+    return {
+        "requests": len(timings),
+        "ttft_p50_ms": 1000 * percentile([t.ttft for t in timings], 0.5),
+        "ttft_p99_ms": 1000 * percentile([t.ttft for t in timings], 0.99),
+        "itl_p50_ms": 1000 * statistics.median(t.itl for t in timings),
+        "output_tok_s": sum(t.tokens for t in timings) / wall,
+        "requests_s": len(timings) / wall,
+        "e2e_p50_s": statistics.median(t.e2e for t in timings),
+    }
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_tokens: int,
+                      stream: bool) -> RequestTiming:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "ignore_eos": True,
+            "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    if not stream:
+        reply = await client.post(f"{url}/completions", json=body)
+        reply.raise_for_status()
+        end = time.perf_counter()
+        return RequestTiming(end - start, end - start, reply.json()["usage"]["completion_tokens"])
+    async with client.stream("POST", f"{url}/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return RequestTiming((first or end) - start, end - start, tokens)
+
+
+async def run_level(url: str, model: str, prompt: list[int], concurrency: int, output_tokens: int,
+                    stream: bool, rounds: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        async def worker():
+            return [await one_request(client, url, model, prompt, output_tokens, stream) for _ in range(rounds)]
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return summarize([t for per_worker in results for t in per_worker], wall)
+
+
+def in_process_engine(model_dir: Path, prompt: list[int], concurrency: int, output_tokens: int, rounds: int) -> dict:
+    """The same load on the CPU engine with no Triton and no HTTP: the floor the stack is compared with."""
+    from engine import Engine, SamplingParams
+
+    timings: list[RequestTiming] = []
+    lock = threading.Lock()
+    with Engine(model_dir, max_batch_size=max(concurrency, 1)) as engine:
+        def worker(index: int) -> None:
+            for r in range(rounds):
+                done, state = threading.Event(), {}
+                start = time.perf_counter()
+
+                def on_output(output):
+                    now = time.perf_counter()
+                    if output.token_ids:
+                        state.setdefault("first", now)
+                    if output.finished:
+                        state["end"], state["tokens"] = now, output.num_output_tokens
+                        done.set()
+
+                params = SamplingParams(max_new_tokens=output_tokens, temperature=0.0, streaming=True)
+                engine.submit(f"bench-{index}-{r}", prompt, params, on_output)
+                done.wait()
+                with lock:
+                    timings.append(RequestTiming(state["first"] - start, state["end"] - start, state["tokens"]))
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+    return summarize(timings, wall)
+
+
+def transformers_continuous_batching(model_dir: Path, prompt: list[int], concurrency: int, output_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = GenerationConfig(max_new_tokens=output_tokens, min_new_tokens=output_tokens, do_sample=False,
+                              eos_token_id=None)
+    start = time.perf_counter()
+    outputs = model.generate_batch(inputs=[prompt] * concurrency, generation_config=config, progress_bar=False)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    return {"requests": concurrency, "output_tok_s": tokens / wall, "requests_s": concurrency / wall}
+
+
+def exact_prompt(model_dir: Path, length: int) -> list[int]:
+    from tokenization.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * (length // 4 + 4))
+    ids = tokenizer.encode(text)
+    return ids[:length]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running service's /v1 URL; default: start one")
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--input-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=1, help="requests per client at each concurrency")
+    parser.add_argument("--skip-baselines", action="store_true")
+    args = parser.parse_args()
+
+    from build.default_model import ensure_default_model
+    from launcher.stack_process import start_stack, stop_stack
+
+    model_dir = (args.model_dir or ensure_default_model()).resolve()
+    prompt = exact_prompt(model_dir, args.input_tokens)
+    top = max(args.concurrency)
+    stack = None
+    if args.url:
+        url = args.url
+    else:
+        work = Path(os.environ.get("NIM_CACHE_PATH", Path(__file__).resolve().parent.parent / ".cache")) / "bench"
+        stack = start_stack(model_dir, work, ENGINE_MAX_BATCH_SIZE=str(top), ENGINE_MAX_QUEUE_SIZE=str(4 * top),
+                            NIM_MAX_MODEL_LEN=str(args.input_tokens + args.output_tokens + 16))
+        url = stack.openai_base_url
+    model = httpx.get(f"{url}/models").json()["data"][0]["id"]
+    rows = {}
+    try:
+        asyncio.run(run_level(url, model, prompt, 2, 8, True, 1))  # warm-up
+        for n in args.concurrency:
+            rows[f"stream c={n}"] = asyncio.run(run_level(url, model, prompt, n, args.output_tokens, True, args.rounds))
+            print(n, rows[f"stream c={n}"], flush=True)
+        if not args.skip_baselines:
+            rows[f"non-stream c={top}"] = asyncio.run(
+                run_level(url, model, prompt, top, args.output_tokens, False, args.rounds))
+    finally:
+        if stack:
+            stop_stack(stack)
+    if not args.skip_baselines:
+        for n in sorted({1, 16} & set(args.concurrency)):
+            rows[f"in-process engine c={n}"] = in_process_engine(model_dir, prompt, n, args.output_tokens, args.rounds)
+        rows["transformers generate_batch c=16"] = transformers_continuous_batching(
+            model_dir, prompt, 16, args.output_tokens)
+
+    header = (f"{platform.machine()}, {os.cpu_count()} cores, model {model_dir.name}, "
+              f"{args.input_tokens} in / {args.output_tokens} out tokens, ignore_eos")
+    lines = [f"# {header}", "",
+             "| run | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | output tok/s | req/s |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r.get('ttft_p50_ms', float('nan')):.0f} | {r.get('ttft_p99_ms', float('nan')):.0f} | "
+                     f"{r.get('itl_p50_ms', float('nan')):.1f} | {r['output_tok_s']:.1f} | {r['requests_s']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve_load.md").write_text(table + "\n")
+    (RESULTS / "serve_load.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
