@@ -27,6 +27,8 @@ class RepositorySettings:
     max_queue_size: int = 64  # requests waiting for a slot before the engine answers "full"
     dtype: str = "float32"
     num_threads: int = 0  # 0: torch's default
+    stream_interval: int = 1  # tokens per streamed response (TensorRT-LLM's stream_interval)
+    engine_kind: str = "cpu"  # "synthetic": no model, tokens instantly; for benchmarking the stack only
     engine_dir: Path | None = None  # gpu: the built TensorRT-LLM engine
     triton_max_batch_size: int = 64
     preprocessing_instance_count: int = 1
@@ -40,6 +42,8 @@ class RepositorySettings:
                 "max_queue_size": str(self.max_queue_size),
                 "dtype": self.dtype,
                 "num_threads": str(self.num_threads),
+                "stream_interval": str(self.stream_interval),
+                "engine_kind": self.engine_kind,
             }
         if self.target == "gpu":
             if self.engine_dir is None:
@@ -52,6 +56,7 @@ class RepositorySettings:
                 "kv_cache_free_gpu_mem_fraction": "0.9",
                 "exclude_input_in_output": "true",
                 "enable_chunked_context": "true",
+                "stream_interval": str(self.stream_interval),
             }
         raise ValueError(f"unknown target {self.target!r}: use 'cpu' or 'gpu'")
 

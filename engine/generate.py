@@ -25,13 +25,18 @@ def generate(
     if not done.wait(timeout):
         engine.cancel(request_id)
         raise TimeoutError(f"request {request_id} did not finish within {timeout} s")
+    return merge_outputs(outputs)
+
+
+def merge_outputs(outputs: list[GenerationOutput]) -> GenerationOutput:
+    """Consecutive outputs of one request as one: their tokens in order, the last one's state."""
     last = outputs[-1]
     return GenerationOutput(
-        request_id=request_id,
+        request_id=last.request_id,
         token_ids=[t for o in outputs for t in o.token_ids],
-        log_probs=[lp for o in outputs for lp in o.log_probs] if params.return_log_probs else None,
-        top_logprobs=[top for o in outputs for top in o.top_logprobs] if params.top_logprobs else None,
-        finished=True,
+        log_probs=[lp for o in outputs for lp in o.log_probs] if last.log_probs is not None else None,
+        top_logprobs=[top for o in outputs for top in o.top_logprobs] if last.top_logprobs is not None else None,
+        finished=last.finished,
         finish_reason=last.finish_reason,
         stop_reason=last.stop_reason,
         num_input_tokens=last.num_input_tokens,

@@ -40,6 +40,8 @@ class LaunchSettings(BaseSettings):
     engine_max_queue_size: int = 64
     engine_dtype: str = "float32"
     engine_num_threads: int = 0
+    engine_stream_interval: int = 1
+    engine_kind: str = "cpu"  # "synthetic" only for benchmarking the serving stack
     triton_ready_timeout_s: float = 600.0
 
 
@@ -109,6 +111,8 @@ def main() -> None:
             max_queue_size=settings.engine_max_queue_size,
             dtype=settings.engine_dtype,
             num_threads=settings.engine_num_threads,
+            stream_interval=settings.engine_stream_interval,
+            engine_kind=settings.engine_kind,
         ),
         work_dir / "model_repository",
     )

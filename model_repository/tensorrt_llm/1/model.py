@@ -12,6 +12,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from engine import Engine, PromptTooLongError, QueueFullError
+from engine.generate import merge_outputs
 from pipeline import engine_io
 from pipeline.tensors import InvalidRequest
 from pipeline.triton_io import ModelShell, error_response, response
@@ -27,14 +28,20 @@ class TritonPythonModel:
     def initialize(self, args):
         self.shell = ModelShell(args)
         p = self.shell.parameters
-        self.engine = Engine(
-            p["model_dir"],
-            max_batch_size=int(p["max_batch_size"]),
-            max_seq_len=int(p["max_seq_len"]),
-            max_queue_size=int(p["max_queue_size"]),
-            dtype=getattr(torch, p["dtype"]),
-            num_threads=int(p["num_threads"]) or None,
-        )
+        self.stream_interval = int(p["stream_interval"])
+        if p["engine_kind"] == "synthetic":
+            from bench.synthetic_engine import SyntheticEngine  # benchmarks only: no model behind it
+
+            self.engine = SyntheticEngine(int(p["max_batch_size"]), int(p["max_seq_len"]), int(p["max_queue_size"]))
+        else:
+            self.engine = Engine(
+                p["model_dir"],
+                max_batch_size=int(p["max_batch_size"]),
+                max_seq_len=int(p["max_seq_len"]),
+                max_queue_size=int(p["max_queue_size"]),
+                dtype=getattr(torch, p["dtype"]),
+                num_threads=int(p["num_threads"]) or None,
+            )
         self.closed = threading.Event()
         threading.Thread(target=self._publish_stats, name="engine-stats", daemon=True).start()
 
@@ -78,15 +85,22 @@ class TritonPythonModel:
             return
         parsed = engine_io.parse_request(inputs, request.request_id())
 
+        pending = []  # streamed outputs not sent yet: one response per `stream_interval` tokens
+
         def on_output(output):
+            pending.append(output)
+            if not output.finished and sum(len(o.token_ids) for o in pending) < self.stream_interval:
+                return
             if not output.finished and sender.is_cancelled():
                 self.engine.cancel(parsed.key)  # the client closed its stream to this model
                 return
-            flags = FINAL if output.finished else 0
-            if output.finish_reason == "error":
-                sender.send(error_response(output.error or "engine error", pb_utils.TritonError.INTERNAL), flags=flags)
+            merged = merge_outputs(pending)
+            pending.clear()
+            flags = FINAL if merged.finished else 0
+            if merged.finish_reason == "error":
+                sender.send(error_response(merged.error or "engine error", pb_utils.TritonError.INTERNAL), flags=flags)
             else:
-                sender.send(response(engine_io.response_tensors(parsed, output)), flags=flags)
+                sender.send(response(engine_io.response_tensors(parsed, merged)), flags=flags)
 
         self.engine.submit(parsed.key, parsed.prompt_ids, parsed.params, on_output)
 
