@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -74,6 +74,7 @@ class Metrics:
         self.model_name = model_name
         self.triton_metrics_url = triton_metrics_url
         self.timeout_s = timeout_s
+        disable_created_metrics()  # no `_created` series, as vLLM (process-wide; the adapter owns its process)
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry

@@ -200,10 +200,6 @@ class Generation:
             raise errors[0]
         self._streams = [chained(f, s) for f, s in zip(firsts, self._streams)]
 
-    async def close(self) -> None:
-        for stream in self._streams:
-            await stream.aclose()
-
     async def events(self) -> AsyncIterator[tuple[int, EngineChunk | None]]:
         """(sequence index, chunk) in arrival order, progress already updated; (index, None) when it ended."""
         async with aclosing(merged(self._streams)) as chunks:

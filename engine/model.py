@@ -71,6 +71,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+# MKL's sgemm takes slow paths on AMD CPUs when few rows meet a large weight. oneDNN computing the
+# transposed product w @ x.T (the weight as oneDNN's "source", the rows as its "weights") is 1.5-3x faster
+# there, and no slower on Intel. fp32 only: oneDNN has no bf16/fp16 inner product without AVX-512.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_FEW_ROWS = 64
+# Output features per oneDNN call: the transposed [chunk, rows] result is copied back while it is in cache.
+_CHUNK = 32768
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, w, b)`, through oneDNN's transposed product when x has few rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    if not (_ONEDNN and w.dtype == torch.float32 and rows.shape[0] <= _FEW_ROWS):
+        return F.linear(x, w, b)
+    out = torch.empty(rows.shape[0], w.shape[0], dtype=w.dtype)
+    for start in range(0, w.shape[0], _CHUNK):
+        part = torch.ops.mkldnn._linear_pointwise(w[start : start + _CHUNK], rows, None, "none", [], "")
+        out[:, start : start + part.shape[0]] = part.t()
+    if b is not None:
+        out += b
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -244,7 +267,7 @@ class Decoder:
         kv_size = c.num_kv_heads * c.head_dim
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, eps, gemma)
-            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+            qkv = linear(h, layer.qkv_w, layer.qkv_b)
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(B, T, c.num_heads, c.head_dim)
             k = k.view(B, T, c.num_kv_heads, c.head_dim)
@@ -255,15 +278,15 @@ class Decoder:
             cos, sin = ropes[SLIDING if layer.sliding else FULL]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             attn = attend(layer, li, q, k, v).reshape(B, T, q_size)
-            attn = F.linear(attn, layer.o_w, layer.o_b)
+            attn = linear(attn, layer.o_w, layer.o_b)
             if gemma:
                 x = x + rms_norm(attn, layer.post_attn_norm, eps, True)
                 h = rms_norm(x, layer.pre_ff_norm, eps, True)
             else:
                 x = x + attn
                 h = rms_norm(x, layer.post_attn_norm, eps, False)
-            gate, up = F.linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
-            h = F.linear(self.act(gate) * up, layer.down_w, layer.down_b)
+            gate, up = linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
+            h = linear(self.act(gate) * up, layer.down_w, layer.down_b)
             if gemma:
                 h = rms_norm(h, layer.post_ff_norm, eps, True)
             x = x + h
@@ -271,7 +294,7 @@ class Decoder:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.final_norm, self.config.rms_norm_eps, self.config.is_gemma)
-        logits = F.linear(h, self.lm_head).float()
+        logits = linear(h, self.lm_head).float()
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -536,3 +536,114 @@ def test_jsonl_logging_is_one_json_object_per_line(capsys):
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+# --- n, best_of, extras, keys, body limit (with the fake engine) --------------------------------------------
+
+
+def test_fan_out_ids_and_seeds():
+    from adapter.serving_base import fan_out
+
+    params = GenerationParams(seed=10)
+    (single,) = fan_out("r", ["p"], params, 1)
+    assert single.request_id == "r" and single.params.seed == 10
+    many = fan_out("r", ["a", "b"], params, 2)
+    assert [(s.index, s.prompt_index, s.prompt, s.request_id, s.params.seed) for s in many] == [
+        (0, 0, "a", "r-0", 10), (1, 0, "a", "r-1", 11), (2, 1, "b", "r-2", 10), (3, 1, "b", "r-3", 11)]
+    assert all(s.params.seed is None for s in fan_out("r", ["a"], GenerationParams(), 3))
+
+
+def test_extras_logit_bias_and_nvext_map_to_params():
+    request = CompletionRequest(prompt="x", logit_bias={"7": -100, "3": 2.5},
+                                nvext={"top_k": 4, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 2,
+                                       "ignore_eos": True, "stop_token_ids": [9], "skip_special_tokens": False,
+                                       "include_stop_str_in_output": True})
+    params = request.to_generation_params(vocab_size=10)
+    assert params.logit_bias == ((3, 2.5), (7, -100.0))
+    assert (params.top_k, params.min_p, params.repetition_penalty, params.min_tokens, params.ignore_eos,
+            params.stop_token_ids, params.skip_special_tokens, params.include_stop_str_in_output) == (
+        4, 0.1, 1.2, 2, True, (9,), False, True)
+    with pytest.raises(BadRequestError) as error:
+        CompletionRequest(prompt="x", logit_bias={"10": 1}).to_generation_params(vocab_size=10)
+    assert error.value.param == "logit_bias"
+
+
+def test_best_of_asks_the_engine_for_log_probs():
+    params = CompletionRequest(prompt="x", best_of=3).to_generation_params()
+    assert params.return_log_probs and params.top_logprobs == 0
+    assert CompletionRequest(prompt="x", best_of=3).num_sequences() == 3
+    assert not CompletionRequest(prompt="x", n=2).to_generation_params().return_log_probs
+
+
+def test_n_sends_n_engine_requests_and_best_of_ranks(client, engine):
+    async def generate(request_id, prompt, params):
+        engine.calls.append((request_id, prompt, params))
+        cum = {0: -3.0, 1: -1.0, 2: -2.0}[int(request_id.rsplit("-", 1)[1])]
+        yield EngineChunk(text=f"seq{params.seed}", token_ids=[1], num_input_tokens=2, num_output_tokens=1,
+                          cum_log_prob=cum, finish_reason="length")
+
+    engine.generate = generate
+    reply = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2, "best_of": 3, "seed": 5})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "seq6"), (1, "seq7")]  # cum -1, then -2
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    ids = [call[0] for call in engine.calls]
+    assert len(ids) == 3 and all(i.startswith(body["id"] + "-") for i in ids)
+
+
+def test_chat_n_streams_every_index(client, engine):
+    reply = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "n": 2, "stream": True,
+                                                      "stream_options": {"include_usage": True}})
+    events = sse_events(reply.text)
+    by_index = {}
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        by_index.setdefault(choice["index"], []).append(choice)
+    assert set(by_index) == {0, 1}
+    for choices in by_index.values():
+        assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in choices) == "Hello!"
+        assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["stop"]
+    assert events[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+
+
+def test_api_keys_and_body_limit_middleware(engine, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nkey-two\n\n")
+    settings = Settings(served_model_name=MODEL, api_keys="key-one, ", api_keys_file=keys, max_request_body_bytes=300)
+    assert settings.resolved_api_keys() == ("key-one", "key-two")
+    app = create_app(settings, engine=engine, tokenizer=FakeTokenizer(), render=fake_render)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        body = {"model": MODEL, "prompt": "x"}
+        denied = c.post("/v1/completions", json=body)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        assert denied.headers["www-authenticate"] == "Bearer"
+        assert c.get("/v1/health/live").status_code == 200
+        assert c.get("/docs").status_code == 200
+        for key in ("key-one", "key-two"):
+            assert c.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        big = c.post("/v1/completions", json={**body, "prompt": "x" * 400}, headers={"Authorization": "Bearer key-one"})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+
+def test_engine_gauges_parse_and_settings_urls(monkeypatch):
+    from adapter.metrics import parse_engine_gauges
+
+    text = ('# HELP llm_engine_requests_running x\nllm_engine_requests_running{model="tensorrt_llm",version="1"} 3\n'
+            "llm_engine_requests_waiting 2\nnv_inference_count 9\n")
+    assert parse_engine_gauges(text) == {"llm_engine_requests_running": 3.0, "llm_engine_requests_waiting": 2.0}
+    monkeypatch.setenv("TRITON_METRICS_PORT", "9102")
+    assert Settings().resolved_triton_metrics_url() == "http://127.0.0.1:9102/metrics"
+    monkeypatch.setenv("TRITON_METRICS_URL", "http://triton:8002/metrics")
+    assert Settings().resolved_triton_metrics_url() == "http://triton:8002/metrics"
+    assert Settings().resolved_api_keys() == ()
+
+
+def test_metadata_version_and_metrics_routes(client):
+    assert client.get("/v1/metadata").json()["modelInfo"][0]["shortName"] == MODEL
+    assert set(client.get("/v1/version").json()) == {"release", "api"}
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    text = client.get("/v1/metrics").text
+    assert f'generation_tokens_total{{model_name="{MODEL}"}} 3.0' in text
+    assert f'request_success_total{{finished_reason="stop",model_name="{MODEL}"}} 1.0' in text

@@ -161,6 +161,13 @@ def test_ensemble_inputs_for_a_text_prompt():
     assert tensors["max_tokens"][0, 0] == 7 and tensors["add_special_tokens"][0, 0] == np.False_
 
 
+def test_ensemble_inputs_carry_logit_bias():
+    tensors = ensemble_inputs("x", GenerationParams(logit_bias=((3, 2.5), (7, -100.0))))
+    assert tensors["logit_bias_ids"].dtype == np.int32 and tensors["logit_bias_ids"].tolist() == [[3, 7]]
+    assert tensors["logit_bias_values"].dtype == np.float32 and tensors["logit_bias_values"].tolist() == [[2.5, -100.0]]
+    assert "logit_bias_ids" not in ensemble_inputs("x", GenerationParams())
+
+
 def test_ensemble_inputs_for_token_ids_and_defaults():
     tensors = ensemble_inputs([5, 6, 7], GenerationParams())
     assert tensors["input_token_ids"].tolist() == [[5, 6, 7]] and tensors["input_token_ids"].dtype == np.int32

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -228,3 +229,25 @@ def test_disconnect_mid_stream_frees_the_engine(tiny_stack, path):
     wait_for(lambda: engine_gauge(tiny_stack, "llm_engine_requests_running") == 0, timeout=10)
     assert time.monotonic() - started < 2.0, "the engine kept generating for the departed client"
     assert adapter_gauge(tiny_stack, "num_requests_running") == 0
+
+
+def test_disconnect_during_a_whole_request_frees_the_engine(tiny_stack):
+    wait_for(lambda: engine_gauge(tiny_stack, "llm_engine_requests_running") == 0)
+    body = {"model": tiny_stack.model_name, "prompt": PROMPT, "max_tokens": 230, "n": 2, "ignore_eos": True}
+    outcome = []
+
+    def give_up_waiting():  # a read timeout: the client closes the connection before the answer
+        with httpx.Client(timeout=httpx.Timeout(60, read=2.0)) as http:
+            try:
+                http.post(f"{tiny_stack.openai_base_url}/completions", json=body)
+            except httpx.ReadTimeout as exc:
+                outcome.append(exc)
+
+    client = threading.Thread(target=give_up_waiting)
+    client.start()
+    wait_for(lambda: engine_gauge(tiny_stack, "llm_engine_requests_running") == 2)
+    client.join()
+    assert outcome, "the request finished before the client gave up"
+    started = time.monotonic()
+    wait_for(lambda: engine_gauge(tiny_stack, "llm_engine_requests_running") == 0, timeout=10)
+    assert time.monotonic() - started < 2.0, "the engine kept generating for the departed client"
