@@ -157,6 +157,7 @@ def main() -> None:
     adapter_env.update(
         MODEL_DIR=str(model_dir),
         TRITON_GRPC_URL=f"127.0.0.1:{settings.triton_grpc_port}",
+        TRITON_METRICS_URL=f"http://127.0.0.1:{settings.triton_metrics_port}/metrics",
         NIM_SERVER_PORT=str(settings.nim_server_port),
         NIM_MAX_MODEL_LEN=str(settings.nim_max_model_len),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),

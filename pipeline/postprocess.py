@@ -57,7 +57,8 @@ class Postprocessor:
         stream.last_seen = time.monotonic()
 
         already_stopped = stream.stop_string is not None
-        step = stream.decoder.push(token_ids, finished=bool(finish_reason))
+        step = stream.decoder.push(self._text_tokens(token_ids, finish_reason, stop_reason, context),
+                                   finished=bool(finish_reason))
         if step.stop_string is not None and not already_stopped:
             stream.stop_string = step.stop_string
             if not finish_reason:
@@ -84,6 +85,15 @@ class Postprocessor:
             value = inputs.get(source)
             outputs[target] = value if value is not None else np.zeros(shape, dtype=dtype)
         return outputs
+
+    @staticmethod
+    def _text_tokens(token_ids: list[int], finish_reason: str, stop_reason: str, context: RequestContext) -> list[int]:
+        """The engine returns the end or stop token that ended generation; its text is not part of the
+        completion (as in vLLM) unless the client asked for stop strings in the output."""
+        if (finish_reason == "stop" and not context.include_stop_str_in_output and stop_reason.isdigit()
+                and token_ids and token_ids[-1] == int(stop_reason)):
+            return token_ids[:-1]
+        return token_ids
 
     def _forget_stale(self) -> None:
         cutoff = time.monotonic() - STALE_AFTER_S

@@ -95,3 +95,13 @@ def test_postprocess_stop_string_across_chunks_stops_the_engine_once(tokenizer):
     assert "".join(texts) == "one two "
     assert stopped == ["s2"]
     assert final["OUT_FINISH_REASON"][0, 0] == b"stop" and final["OUT_STOP_REASON"][0, 0] == b"three f"
+
+
+def test_postprocess_drops_the_stop_token_text_unless_asked(tokenizer):
+    ids = tokenizer.encode("alpha beta", add_special_tokens=False)
+    post = Postprocessor(tokenizer, stop_engine=lambda key: None)
+    final = engine_response(RequestContext(key="s3"), ids, "stop")
+    final["STOP_REASON"] = string_tensor(str(ids[-1]))
+    assert post(final)["OUTPUT"][0, 0].decode() == "alpha"
+    final["REQUEST_CONTEXT"] = string_tensor(RequestContext(key="s4", include_stop_str_in_output=True).to_json())
+    assert post(final)["OUTPUT"][0, 0].decode() == "alpha beta"
