@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import httpx
 
 from launcher.stack_process import start_stack, stop_stack
 
@@ -57,9 +60,34 @@ def wait_until(predicate, timeout: float) -> bool:
     return predicate()
 
 
+def assert_full_engine_answers_429(stack) -> None:
+    """One engine slot and no queue: a second request while the first runs is refused, not queued forever."""
+    body = {"model": stack.model_name, "prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+
+    def occupy(started: threading.Event):
+        with httpx.stream("POST", f"{stack.openai_base_url}/completions", json=body, timeout=60) as reply:
+            for _ in reply.iter_lines():
+                started.set()
+
+    for _ in range(5):  # the tiny model finishes in about a second: retry if the slot was already free again
+        started = threading.Event()
+        runner = threading.Thread(target=occupy, args=(started,))
+        runner.start()
+        assert started.wait(30)
+        refused = httpx.post(f"{stack.openai_base_url}/completions", json=dict(body, stream=False), timeout=60)
+        runner.join()
+        if refused.status_code != 200:
+            break
+    assert refused.status_code == 429, refused.text
+    assert refused.headers.get("retry-after")
+    assert refused.json()["error"]["message"]
+
+
 def test_triton_death_means_not_ready_and_sigterm_leaves_no_process(tiny_gemma_dir, tmp_path):
-    stack = start_stack(tiny_gemma_dir, tmp_path)
+    stack = start_stack(tiny_gemma_dir, tmp_path, ENGINE_MAX_BATCH_SIZE="1", ENGINE_MAX_QUEUE_SIZE="0",
+                        NIM_MAX_MODEL_LEN="256")
     try:
+        assert_full_engine_answers_429(stack)
         family = descendants(stack.process.pid)
         servers = [p for p in family if Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
         stubs = [p for p in family if "triton_python_backend_stub" in Path(f"/proc/{p}/cmdline").read_text()]
