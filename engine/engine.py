@@ -1,6 +1,8 @@
 """In-flight batching engine: a background thread that admits waiting requests into free cache slots,
-prefills them one at a time, then runs one batched decode step for every running request."""
+prefills them (packed together, up to a token budget), then runs one batched decode step for every running
+request."""
 
+import ctypes
 import heapq
 import logging
 import threading
@@ -16,6 +18,25 @@ from .model import Decoder
 from .params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Prompts admitted together are prefilled as one packed sequence of at most this many tokens (a longer prompt
+# runs alone): one pass over the weights instead of one per prompt.
+PREFILL_TOKENS = 512
+
+
+def _release_openmp_workers() -> None:
+    """Free the calling thread's idle OpenMP workers (OpenMP 5 `omp_pause_resource_all`, soft pause).
+
+    Once GNU OpenMP runs more threads than there are CPUs, it stops spin-waiting between parallel regions;
+    the caller's idle team (left by loading the model) plus the engine thread's team is enough for that on
+    a 2-core machine, and every parallel region of a decode step then waits for sleeping workers to wake
+    (~30% slower steps). The caller's next parallel region simply starts a new team.
+    """
+    bundled = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    try:
+        ctypes.CDLL(str(bundled) if bundled.exists() else "libgomp.so.1").omp_pause_resource_all(1)
+    except (OSError, AttributeError):
+        pass  # another OpenMP runtime, or none
 
 
 class PromptTooLongError(ValueError):
@@ -96,6 +117,7 @@ class Engine:
         self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
         self._num_threads = num_threads
         model.allocate_cache(max_batch_size, self.max_seq_len)
+        _release_openmp_workers()
 
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
@@ -199,8 +221,8 @@ class Engine:
                     request = self._live.get(request_id)
                     if request is not None:
                         self._finish(request, "cancelled")
-                for request in self._admit():
-                    self._prefill(request)
+                for group in self._prefill_groups(self._admit()):
+                    self._prefill(group)
                 if self._running:
                     self._decode_step()
             for request in list(self._live.values()):
@@ -216,14 +238,28 @@ class Engine:
                 admitted.append(request)
             return admitted
 
-    def _prefill(self, request: _Request) -> None:
+    @staticmethod
+    def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:
+        groups, tokens = [], 0
+        for r in requests:
+            if not groups or tokens + len(r.prompt) > PREFILL_TOKENS:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(r)
+            tokens += len(r.prompt)
+        return groups
+
+    def _prefill(self, requests: list[_Request]) -> None:
         try:
-            logits = self.model.prefill(request.slot, torch.tensor(request.prompt, dtype=torch.long))
+            logits = self.model.prefill(
+                [r.slot for r in requests], [torch.tensor(r.prompt, dtype=torch.long) for r in requests]
+            )
         except Exception as e:
-            log.exception("prefill failed for request %s", request.id)
-            self._finish(request, "error", error=f"{type(e).__name__}: {e}")
+            log.exception("prefill failed for requests %s", [r.id for r in requests])
+            for r in requests:
+                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
             return
-        self._advance(request, logits)
+        self._choose_all(requests, logits)
 
     def _decode_step(self) -> None:
         requests = sorted(self._running.values(), key=lambda r: r.slot)
@@ -242,8 +278,18 @@ class Engine:
             for r in requests:
                 self._finish(r, "error", error=f"{type(e).__name__}: {e}")
             return
-        for r, row in zip(requests, logits):
-            self._advance(r, row)
+        self._choose_all(requests, logits)
+
+    def _choose_all(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """Next token of each request from its row of `logits`."""
+        # Rows that only need the argmax of their logits get it from one batched call.
+        greedy = [sampling.plain_greedy(r.params, len(r.generated)) for r in requests]
+        argmax = sampling.argmax(logits).tolist() if any(greedy) else None
+        for i, (r, row) in enumerate(zip(requests, logits)):
+            if greedy[i]:
+                self._append(r, sampling.Choice(argmax[i], None, None))
+            else:
+                self._advance(r, row)
 
     def _advance(self, request: _Request, logits: torch.Tensor) -> None:
         """Sample the next token of `request` from its logits row, then deliver or finish."""
@@ -263,7 +309,11 @@ class Engine:
             log.exception("sampling failed for request %s", request.id)
             self._finish(request, "error", error=f"{type(e).__name__}: {e}")
             return
+        self._append(request, choice)
 
+    def _append(self, request: _Request, choice: sampling.Choice) -> None:
+        """Record the chosen token, then deliver or finish."""
+        p = request.params
         token = choice.token
         request.generated.append(token)
         request.out_tokens.append(token)

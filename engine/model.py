@@ -30,8 +30,7 @@ class Layer:
     qkv_b: torch.Tensor | None
     o_w: torch.Tensor
     o_b: torch.Tensor | None
-    q_norm: torch.Tensor | None  # Gemma only
-    k_norm: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # Gemma only: q_norm per query head, then k_norm per kv head [H + KV, D]
     post_attn_norm: torch.Tensor | None  # Gemma: after attention; Llama/Qwen: before the MLP
     pre_ff_norm: torch.Tensor | None  # Gemma only
     post_ff_norm: torch.Tensor | None  # Gemma only
@@ -71,30 +70,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-# MKL's sgemm takes slow paths on AMD CPUs when few rows meet a large weight. oneDNN computing the
-# transposed product w @ x.T (the weight as oneDNN's "source", the rows as its "weights") is 1.5-3x faster
-# there, and no slower on Intel. fp32 only: oneDNN has no bf16/fp16 inner product without AVX-512.
+# MKL's sgemm takes slow paths on AMD CPUs (28 GFLOP/s for 16 rows against the 262k-token vocabulary), so
+# fp32 products go through oneDNN. For a few rows, oneDNN computing the transposed product w @ x.T (the weight
+# as its source, the rows as its small "weights" operand) is up to 1.7x faster again. Without AVX-512 oneDNN
+# has no bf16 inner product: other dtypes keep F.linear.
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_FEW_ROWS = 64
-# Output features per oneDNN call: the transposed [chunk, rows] result is copied back while it is in cache.
+_FEW_ROWS = 32  # above this, oneDNN's usual orientation is the faster one
+# Output features per transposed call: each [chunk, rows] result is transposed while it is still in cache
+# (one row needs no transposing, so it takes a single call).
 _CHUNK = 32768
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, w, b)`, through oneDNN's transposed product when x has few rows."""
+def _copy_transposed(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src.t())` for `src [N, rows]`, through `[rows, N / B, B]` views: ATen copies those 1.5-3x
+    faster than the plain 2-D transpose."""
+    n, rows = src.shape
+    b = math.gcd(n, 128)
+    dst.view(rows, n // b, b).copy_(src.view(n // b, b, rows).permute(2, 0, 1))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """`F.linear(x, w, b)` for `x [..., K]`; written to `out` (`[rows, N]`) when given."""
     rows = x.reshape(-1, x.shape[-1])
-    if not (_ONEDNN and w.dtype == torch.float32 and rows.shape[0] <= _FEW_ROWS):
-        return F.linear(x, w, b)
-    out = torch.empty(rows.shape[0], w.shape[0], dtype=w.dtype)
-    for start in range(0, w.shape[0], _CHUNK):
-        part = torch.ops.mkldnn._linear_pointwise(w[start : start + _CHUNK], rows, None, "none", [], "")
-        out[:, start : start + part.shape[0]] = part.t()
-    if b is not None:
-        out += b
-    return out.view(*x.shape[:-1], w.shape[0])
+    if not (_ONEDNN and w.dtype == torch.float32):
+        y = F.linear(rows, w, b)
+    elif rows.shape[0] > _FEW_ROWS:
+        y = torch.ops.mkldnn._linear_pointwise(rows, w, b, "none", [], "")
+    else:
+        y = torch.empty(rows.shape[0], w.shape[0], dtype=w.dtype) if out is None else out
+        chunk = _CHUNK if rows.shape[0] > 1 else w.shape[0]
+        for start in range(0, w.shape[0], chunk):
+            part = torch.ops.mkldnn._linear_pointwise(w[start : start + chunk], rows, None, "none", [], "")
+            _copy_transposed(y[:, start : start + part.shape[0]], part)
+        if b is not None:
+            y += b
+    if out is not None and y is not out:
+        y = out.copy_(y)
+    return y.view(*x.shape[:-1], w.shape[0])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+    if x.dtype == torch.float32 and weight.shape == x.shape[-1:]:
+        # The same ops in one ATen call (bit-identical in fp32), saving per-op overhead on the hot path.
+        return torch.rms_norm(x, x.shape[-1:], weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if gemma:  # weight already holds (1 + w) in fp32; scale before casting back, as HF Gemma does
@@ -124,6 +142,10 @@ class Decoder:
                 return 1.0 + weights[name].float()
             return w(name)
 
+        def qk_norm(prefix):
+            q, k = norm(prefix + "q_norm.weight"), norm(prefix + "k_norm.weight")
+            return torch.cat([q.expand(c.num_heads, -1), k.expand(c.num_kv_heads, -1)])
+
         def cat(names):
             parts = [opt(n) for n in names]
             return None if any(p is None for p in parts) else torch.cat(parts).contiguous()
@@ -145,8 +167,7 @@ class Decoder:
                     qkv_b=cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]),
                     o_w=w(a + "o_proj.weight"),
                     o_b=opt(a + "o_proj.bias"),
-                    q_norm=norm(a + "q_norm.weight") if c.is_gemma else None,
-                    k_norm=norm(a + "k_norm.weight") if c.is_gemma else None,
+                    qk_norm=qk_norm(a) if c.is_gemma else None,
                     post_attn_norm=norm(p + "post_attention_layernorm.weight"),
                     pre_ff_norm=norm(p + "pre_feedforward_layernorm.weight") if c.is_gemma else None,
                     post_ff_norm=norm(p + "post_feedforward_layernorm.weight") if c.is_gemma else None,
@@ -160,6 +181,7 @@ class Decoder:
         self.max_seq_len = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
+        self.logits_out = torch.empty(0)
 
     @classmethod
     def from_dir(cls, checkpoint_dir: str | Path, dtype=torch.float32) -> "Decoder":
@@ -179,42 +201,57 @@ class Decoder:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
         self.slots, self.max_seq_len = slots, max_seq_len
+        # Reused by every step: a fresh [rows, vocab] result would page-fault its megabytes in each time.
+        self.logits_out = torch.empty(slots, c.vocab_size)
         self.rope = {t: rope_tables(c.rope[t], c.head_dim, max_seq_len, self.dtype) for t in (FULL, SLIDING)}
 
     # ---- public forward passes -------------------------------------------------------------------
 
-    def prefill(self, slot: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Run one prompt `[T]` into cache slot `slot`; return fp32 logits `[vocab]` of its last position."""
-        T = tokens.shape[0]
-        pos = torch.arange(T)
-        q_idx, k_idx = pos[:, None], pos[None, :]
-        window = self.config.sliding_window
-        # Sliding layers need an explicit band mask only once the prompt is longer than the window.
-        sliding_mask = (k_idx <= q_idx) & (k_idx > q_idx - window) if window and T > window else None
+    def prefill(self, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Run prompts (`[T_i]` token ids) into cache slots `slots`, packed into one sequence; return fp32
+        logits `[len(prompts), vocab]` of each prompt's last position, valid until the next call."""
+        c = self.config
+        lengths = torch.tensor([p.shape[0] for p in prompts])
+        S = int(lengths.sum())
+        ends = lengths.cumsum(0)
+        seg = torch.repeat_interleave(torch.arange(len(prompts)), lengths)  # prompt of each token
+        pos = torch.arange(S) - (ends - lengths)[seg]
+        q_idx, k_idx = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        # Each token sees the earlier tokens of its own prompt; None: plain causal (one prompt).
+        visible = (k_idx <= q_idx) & (seg[:, None] == seg[None, :]) if len(prompts) > 1 else None
+        window = c.sliding_window
+        # Sliding layers need a band only once a prompt is longer than the window.
+        if window and int(lengths.max()) > window:
+            band = (k_idx <= q_idx) & (k_idx > q_idx - window)
+            masks = {False: visible, True: band if visible is None else band & visible}
+        else:
+            masks = {False: visible, True: visible}
+        slot_of = torch.tensor(slots)[seg]
+        flat_rows = self._cache_rows(slot_of, pos)
 
         def attend(layer, li, q, k, v):
-            # q [1,T,H,D], k/v [1,T,KV,D]: write the cache, then attend over the fresh keys only
-            self.k_cache[li][slot, :, :T] = k[0].transpose(0, 1)
-            self.v_cache[li][slot, :, :T] = v[0].transpose(0, 1)
-            mask = sliding_mask if layer.sliding else None
+            # q [1,S,H,D], k/v [1,S,KV,D]: write the cache, then attend over the fresh keys only
+            self.k_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, k.reshape(-1, c.head_dim))
+            self.v_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, v.reshape(-1, c.head_dim))
+            mask = masks[layer.sliding]
             return F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k.transpose(1, 2),
                 v.transpose(1, 2),
                 attn_mask=mask,
                 is_causal=mask is None,
-                scale=self.config.attn_scale,
+                scale=c.attn_scale,
                 enable_gqa=True,
             ).transpose(1, 2)
 
-        h = self._run(tokens[None, :], pos[None, :], attend)
-        return self._logits(h[0, -1:])[0]
+        h = self._run(torch.cat(prompts)[None, :], pos[None, :], attend)
+        return self._logits(h[0, ends - 1])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """One step for cache slots `0..n-1`: `tokens[i]` goes to position `positions[i]` of slot i.
 
-        Only `rows` (the slots that sample) get logits: returns fp32 `[len(rows), vocab]`. Slots not in
-        `rows` are computed and discarded; give them a position at or below the batch maximum.
+        Only `rows` (the slots that sample) get logits: returns fp32 `[len(rows), vocab]`, valid until the next
+        call. Slots not in `rows` are computed and discarded; give them a position at or below the batch maximum.
         """
         n = tokens.shape[0]
         c = self.config
@@ -228,11 +265,7 @@ class Decoder:
             band = causal & (keys > positions[:, None] - c.sliding_window)
             masks[True] = (lo, band[:, None, None, lo:])
         groups = c.num_heads // c.num_kv_heads
-        # Row of each (slot, kv head, position) in the cache viewed as [-1, head_dim]: index_copy_ on that
-        # view is orders of magnitude faster than advanced-index assignment on the 4-D tensor.
-        heads = torch.arange(c.num_kv_heads)
-        flat_rows = (torch.arange(n)[:, None] * c.num_kv_heads + heads) * self.max_seq_len + positions[:, None]
-        flat_rows = flat_rows.reshape(-1)
+        flat_rows = self._cache_rows(torch.arange(n), positions)
 
         def attend(layer, li, q, k, v):
             # q [n,1,H,D], k/v [n,1,KV,D]
@@ -241,7 +274,7 @@ class Decoder:
             lo, mask = masks[layer.sliding]
             # One query per row: fold each GQA group's heads into the query axis, so keys are not repeated.
             out = F.scaled_dot_product_attention(
-                q.view(n, c.num_kv_heads, groups, c.head_dim),
+                q.reshape(n, c.num_kv_heads, groups, c.head_dim),
                 self.k_cache[li][:n, :, lo:length],
                 self.v_cache[li][:n, :, lo:length],
                 attn_mask=mask,
@@ -254,6 +287,13 @@ class Decoder:
 
     # ---- shared body -----------------------------------------------------------------------------
 
+    def _cache_rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows, in a layer's cache viewed as `[-1, head_dim]`, of each token's (slot, kv head, position), in
+        the order of k.reshape(-1, head_dim). index_copy_ on that view is orders of magnitude faster than
+        advanced-index assignment on the 4-D tensor."""
+        heads = torch.arange(self.config.num_kv_heads)
+        return ((slots[:, None] * len(heads) + heads) * self.max_seq_len + positions[:, None]).reshape(-1)
+
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         c = self.config
         gemma = c.is_gemma
@@ -263,21 +303,19 @@ class Decoder:
         if self.embed_scale is not None:
             x = x * self.embed_scale
         ropes = {t: (cos[positions, None], sin[positions, None]) for t, (cos, sin) in self.rope.items()}
-        q_size = c.num_heads * c.head_dim
-        kv_size = c.num_kv_heads * c.head_dim
+        H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, eps, gemma)
             qkv = linear(h, layer.qkv_w, layer.qkv_b)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(B, T, c.num_heads, c.head_dim)
-            k = k.view(B, T, c.num_kv_heads, c.head_dim)
-            v = v.view(B, T, c.num_kv_heads, c.head_dim)
+            # q and k heads are adjacent: norm and rotate them in one go
+            qk = qkv[..., : (H + KV) * D].view(B, T, H + KV, D)
+            v = qkv[..., (H + KV) * D :].view(B, T, KV, D)
             if gemma:
-                q = rms_norm(q, layer.q_norm, eps, True)
-                k = rms_norm(k, layer.k_norm, eps, True)
+                qk = rms_norm(qk, layer.qk_norm, eps, True)
             cos, sin = ropes[SLIDING if layer.sliding else FULL]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            attn = attend(layer, li, q, k, v).reshape(B, T, q_size)
+            qk = apply_rope(qk, cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            attn = attend(layer, li, q, k, v).reshape(B, T, H * D)
             attn = linear(attn, layer.o_w, layer.o_b)
             if gemma:
                 x = x + rms_norm(attn, layer.post_attn_norm, eps, True)
@@ -294,8 +332,8 @@ class Decoder:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.final_norm, self.config.rms_norm_eps, self.config.is_gemma)
-        logits = linear(h, self.lm_head).float()
+        logits = linear(h, self.lm_head, out=self.logits_out[: h.shape[0]])
         cap = self.config.final_logit_softcapping
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+            logits.div_(cap).tanh_().mul_(cap)
         return logits

@@ -8,6 +8,7 @@ and top-k/top-p/min-p truncation: they describe the model's (adjusted) distribut
 temperature, as OpenAI's `logprobs` do not.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,34 @@ class Choice:
     token: int
     log_prob: float | None
     top_logprobs: list[tuple[int, float]] | None
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` of `[rows, vocab]` logits (first index among ties), for finite logits.
+
+    torch.argmax scans serially (~1 GB/s, 0.25 ms per 262k-token row); the vectorised amax of blocks finds
+    each row's first block holding its maximum, leaving argmax only that block to scan.
+    """
+    rows, vocab = logits.shape
+    block = math.gcd(vocab, 512)
+    if block < 64:
+        return logits.argmax(-1)
+    blocks = logits.reshape(rows, vocab // block, block)
+    block_max = blocks.amax(-1)
+    first = (block_max == block_max.amax(-1, keepdim=True)).to(torch.uint8).argmax(-1)
+    return first * block + blocks[torch.arange(rows), first].argmax(-1)
+
+
+def plain_greedy(params: SamplingParams, num_generated: int) -> bool:
+    """True when the next token is the argmax of the raw logits and nothing else is reported, so that
+    `process_logits` and `choose` would only compute `argmax(logits)`."""
+    return (
+        params.greedy
+        and params.repetition_penalty == 1.0
+        and not (params.presence_penalty or params.frequency_penalty or params.logit_bias or params.bad_words)
+        and num_generated >= params.min_tokens
+        and not (params.return_log_probs or params.top_logprobs)
+    )
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -99,7 +128,7 @@ def process_logits(
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> Choice:
     """Pick the next token from processed logits; `generator` drives sampling (unused when greedy)."""
     if params.greedy:
-        token = int(torch.argmax(logits))
+        token = int(argmax(logits[None])[0])
     else:
         scaled = truncate(logits / params.temperature, params.top_k, params.top_p, params.min_p)
         token = int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))

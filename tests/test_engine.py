@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams
+from engine import sampling
 from engine.config import FULL, SLIDING, ModelConfig
+from engine.model import Decoder
 from engine.generate import generate
 from tests.engine_checkpoints import ARCHITECTURES, make_tiny_checkpoint
 
@@ -114,6 +116,23 @@ def test_log_probs_match_reference(checkpoints, gemma):
 # ---- batching independence ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_prefill_matches_one_prompt_at_a_time(arch, checkpoints):
+    model = Decoder.from_dir(checkpoints[arch])
+    model.allocate_cache(6, 64)
+    prompts = [torch.tensor(prompt(L, seed=L)) for L in (3, 13, 30)]  # 13 and 30 exceed Gemma's window
+    with torch.inference_mode():
+        packed = model.prefill([0, 1, 2], prompts).clone()
+        alone = torch.stack([model.prefill([3 + i], [p])[0].clone() for i, p in enumerate(prompts)])
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+        for k, v in zip(model.k_cache, model.v_cache):
+            torch.testing.assert_close(k[:3], k[3:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v[:3], v[3:], atol=1e-5, rtol=1e-5)
+        lengths = torch.tensor([len(p) for p in prompts] * 2)
+        step = model.decode(packed.argmax(-1).repeat(2), lengths, torch.arange(6))
+        torch.testing.assert_close(step[:3], step[3:], atol=1e-5, rtol=1e-5)
+
+
 def staggered(engine, jobs, join_after: int = 3) -> dict[str, GenerationOutput]:
     """Run jobs so that job i+1 is submitted from job i's callback after `join_after` tokens each,
     so requests join a running batch at different decode steps."""
@@ -157,6 +176,17 @@ def test_batch_neighbours_do_not_change_results(gemma, mode):
 
 
 # ---- sampling parameters ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [1024, 4096 + 64, 1000])  # 512-, 64- and 8-token blocks (the last: plain argmax)
+def test_fast_argmax_matches_torch_including_ties(vocab):
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab))
+    top = logits.max() + 1
+    logits[1, [7, vocab - 3]] = top  # tie across blocks
+    logits[2, [vocab - 2, vocab - 1]] = top  # tie within the last block
+    logits[3] = 0.0  # all equal
+    assert torch.equal(sampling.argmax(logits), logits.argmax(-1))
+    assert sampling.argmax(logits).tolist()[1:4] == [7, vocab - 2, 0]
 
 
 def test_seed_reproducibility(gemma):
