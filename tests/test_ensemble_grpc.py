@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
-import urllib.request
-
 import pytest
 
-from tests.triton_calls import Result, TritonStream, ensemble_inputs, generate, stop_engine_request
+from tests.triton_calls import Result, TritonStream, ensemble_inputs, generate, stop_engine_request, wait_for_gauge
 
 PROMPTS = ["The capital of France is", "Ünïcödé, 日本語 and emoji 👋🏽:", "  leading spaces\nand newlines\t"]
 
@@ -87,21 +84,6 @@ def test_logit_bias_reaches_the_engine(tiny_stack):
     mismatched = generate(tiny_stack.grpc_url, PROMPTS[0], 6, stream=True, logit_bias_ids=[forced, 5],
                           logit_bias_values=[1.0])
     assert mismatched.error and "logit_bias_ids has 2 entries" in mismatched.error
-
-
-def engine_gauge(stack, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith(name):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"metric {name} not exported")
-
-
-def wait_for_gauge(stack, name: str, value: float, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine_gauge(stack, name) != value:
-        assert time.monotonic() < deadline, f"{name} did not reach {value}"
-        time.sleep(0.1)
 
 
 def test_stop_request_cancels_through_the_ensemble(tiny_stack):

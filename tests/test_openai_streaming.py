@@ -9,12 +9,13 @@ import json
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 
 import httpx
 import openai
 import pytest
+
+from tests.triton_calls import engine_gauge
 
 PROMPT = "The capital of France is"
 USER = [{"role": "user", "content": "Name three French cities."}]
@@ -184,14 +185,6 @@ async def test_async_client_interleaves_n_streams(tiny_stack):
 
 
 # --- a client that goes away --------------------------------------------------------------------------------
-
-
-def engine_gauge(stack, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith(name):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"metric {name} not exported")
 
 
 def adapter_gauge(stack, name: str) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import queue
+import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,3 +109,18 @@ def stop_engine_request(connection: TritonStream, request_id: str) -> None:
          tensor("request_output_len", [1], np.int32), tensor("stop", [True], np.bool_)],
         request_id,
     )
+
+
+def engine_gauge(stack, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+def wait_for_gauge(stack, name: str, value: float, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine_gauge(stack, name) != value:
+        assert time.monotonic() < deadline, f"{name} did not reach {value}"
+        time.sleep(0.1)
