@@ -69,7 +69,9 @@ def ensemble_inputs(prompt: str | list[int], params: GenerationParams) -> Tensor
         tensors["input_token_ids"] = np.array([list(prompt)], dtype=np.int32)
     # max_tokens <= 0 is our ensemble's "as many as the context leaves".
     tensors["max_tokens"] = _scalar(params.max_tokens or 0, np.int32)
-    tensors["stream"] = _scalar(params.stream, np.bool_)
+    # Always streamed from the engine, even for a client that wants one response (the serving layer joins
+    # the chunks): a stop string then ends generation where it matches instead of at max_tokens.
+    tensors["stream"] = _scalar(True, np.bool_)
     tensors["exclude_input_in_output"] = _scalar(True, np.bool_)
     for field, name, dtype in _OPTIONAL_SCALARS:
         value = getattr(params, field)

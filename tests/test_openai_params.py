@@ -146,6 +146,7 @@ def test_stop_trims_and_include_stop_str_in_output_keeps(client, model, where):
     assert trimmed.choices[0].text == expected
     assert trimmed.choices[0].finish_reason == "stop"
     assert trimmed.choices[0].model_extra["stop_reason"] == stop
+    assert trimmed.usage.completion_tokens < 48, "a non-streamed request kept the engine busy after its stop"
     include = {"include_stop_str_in_output": True}
     kept = complete(client, model, max_tokens=48, temperature=0, ignore_eos=True, stop=stop,
                     **(include if where == "top" else {"nvext": include}))
