@@ -29,6 +29,7 @@ test: model
 bench: model
 	$(PY) -m bench.engine_decode
 	$(PY) -m bench.serve_load
+	$(PY) -m bench.relay
 
 clean:
 	rm -rf $(CACHE)/run
