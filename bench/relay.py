@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
 import httpx
+
+from bench.sse import sse_chunks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The quick brown fox jumps over the lazy dog. Ünïcödé 日本語 👋"
@@ -29,11 +30,7 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, tok
             "stream_options": {"include_usage": True}}
     text, events, used = [], 0, 0
     async with client.stream("POST", f"{url}/completions", json=body) as reply:
-        reply.raise_for_status()
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(reply):
             events += 1
             if chunk["choices"]:
                 text.append(chunk["choices"][0]["text"])

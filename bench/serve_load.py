@@ -26,6 +26,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.sse import sse_chunks
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -71,11 +73,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
         end = time.perf_counter()
         return RequestTiming(end - start, end - start, reply.json()["usage"]["completion_tokens"])
     async with client.stream("POST", f"{url}/completions", json=body) as reply:
-        reply.raise_for_status()
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        async for chunk in sse_chunks(reply):
             if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
                 first = time.perf_counter()
             if chunk.get("usage"):
