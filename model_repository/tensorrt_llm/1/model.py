@@ -7,13 +7,14 @@ the same id, as with TensorRT-LLM's backend.
 
 import os
 import threading
+from dataclasses import dataclass
 
 import torch
 import triton_python_backend_utils as pb_utils
 
 from engine import Engine, PromptTooLongError, QueueFullError
-from engine.generate import merge_outputs
 from pipeline import engine_io
+from pipeline.output_relay import OutputRelay
 from pipeline.tensors import InvalidRequest
 from pipeline.triton_io import ModelShell, error_response, response
 
@@ -24,11 +25,18 @@ GAUGES = {  # engine.stats() key -> Triton metric, on Triton's metrics port
 }
 
 
+@dataclass(eq=False)
+class Stream:
+    """Where one request's responses go."""
+
+    request: engine_io.EngineRequest
+    sender: object  # the request's pb_utils response sender
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.shell = ModelShell(args)
         p = self.shell.parameters
-        self.stream_interval = int(p["stream_interval"])
         if p["engine_kind"] == "synthetic":
             from bench.synthetic_engine import SyntheticEngine  # benchmarks only: no model behind it
 
@@ -42,6 +50,8 @@ class TritonPythonModel:
                 dtype=getattr(torch, p["dtype"]),
                 num_threads=int(p["num_threads"]) or None,
             )
+        # Responses are built and sent off the engine thread, coalesced while sending lags.
+        self.relay = OutputRelay(self._send, min_tokens=int(p["stream_interval"]))
         self.closed = threading.Event()
         threading.Thread(target=self._publish_stats, name="engine-stats", daemon=True).start()
 
@@ -84,26 +94,20 @@ class TritonPythonModel:
             sender.send(flags=FINAL)
             return
         parsed = engine_io.parse_request(inputs, request.request_id())
+        stream = Stream(parsed, sender)
+        self.engine.submit(parsed.key, parsed.prompt_ids, parsed.params, lambda output: self.relay.put(stream, output))
 
-        pending = []  # streamed outputs not sent yet: one response per `stream_interval` tokens
-
-        def on_output(output):
-            pending.append(output)
-            if not output.finished and sum(len(o.token_ids) for o in pending) < self.stream_interval:
-                return
-            if not output.finished and sender.is_cancelled():
-                self.engine.cancel(parsed.key)  # the client closed its stream to this model
-                return
-            merged = merge_outputs(pending)
-            pending.clear()
-            flags = FINAL if merged.finished else 0
-            if merged.finish_reason == "error":
-                sender.send(error_response(merged.error or "engine error", pb_utils.TritonError.INTERNAL), flags=flags)
-            else:
-                sender.send(response(engine_io.response_tensors(parsed, merged)), flags=flags)
-
-        self.engine.submit(parsed.key, parsed.prompt_ids, parsed.params, on_output)
+    def _send(self, stream: Stream, output) -> None:
+        if not output.finished and stream.sender.is_cancelled():
+            self.engine.cancel(stream.request.key)  # the client closed its stream to this model
+            return
+        flags = FINAL if output.finished else 0
+        if output.finish_reason == "error":
+            stream.sender.send(error_response(output.error or "engine error", pb_utils.TritonError.INTERNAL), flags=flags)
+        else:
+            stream.sender.send(response(engine_io.response_tensors(stream.request, output)), flags=flags)
 
     def finalize(self):
         self.closed.set()
         self.engine.close()
+        self.relay.close()
