@@ -4,7 +4,8 @@ The engine thread only queues an output (cheap) and goes on computing; this thre
 Triton responses. Whatever piled up for a request while the previous responses were being sent goes out as
 one response, so a fast engine (or a slow consumer) gets fewer, larger responses and the same tokens,
 while a relay that keeps up still sends every step's token at once. `min_tokens` is a floor on tokens per
-streamed response, TensorRT-LLM's `stream_interval`.
+streamed response after the first, TensorRT-LLM's `stream_interval`; the first token always goes at once
+so that the time to first token does not depend on it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class OutputRelay(Generic[Target]):
                     return
             for target, outputs in self._by_target(batch):
                 merged = merge_outputs(outputs)
-                if not merged.finished and len(merged.token_ids) < self._min_tokens:
+                first = merged.num_output_tokens == len(merged.token_ids)
+                if not (merged.finished or first) and len(merged.token_ids) < self._min_tokens:
                     self._held[id(target)] = [merged]
                     continue
                 try:

@@ -58,7 +58,7 @@ def test_a_lagging_relay_coalesces_without_losing_or_reordering_tokens():
         assert not any(o.finished for o in sent[:-1])
 
 
-def test_min_tokens_holds_small_responses_but_never_the_last():
+def test_min_tokens_holds_small_responses_but_never_the_first_or_last():
     recorder = Recorder()
     relay = OutputRelay(recorder.send, min_tokens=4)
     for t in range(10):
@@ -68,7 +68,8 @@ def test_min_tokens_holds_small_responses_but_never_the_last():
     relay.close()
     sent = recorder.sent["last"]
     assert tokens(sent) == list(range(10))
-    assert all(len(o.token_ids) >= 4 for o in sent[:-1])
+    assert sent[0].token_ids == [0]
+    assert all(len(o.token_ids) >= 4 for o in sent[1:-1])
     assert sent[-1].finished
 
 
