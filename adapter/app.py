@@ -159,8 +159,10 @@ def create_app(
         app.state.engine = the_engine
         app.state.served_model = served
         app.state.metrics = metrics
-        app.state.serving_chat = OpenAIServingChat(the_engine, served, the_tokenizer, chat_template, render, metrics)
-        app.state.serving_completion = OpenAIServingCompletion(the_engine, served, the_tokenizer, metrics)
+        coalesce = settings.sse_coalesce
+        app.state.serving_chat = OpenAIServingChat(the_engine, served, the_tokenizer, chat_template, render, metrics,
+                                                   coalesce)
+        app.state.serving_completion = OpenAIServingCompletion(the_engine, served, the_tokenizer, metrics, coalesce)
         logger.info("serving %s from Triton at %s (model %s)", served.name, settings.triton_grpc_url,
                     settings.triton_model_name)
         try:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +50,32 @@ class EngineChunk:
     num_input_tokens: int | None = None
     num_output_tokens: int | None = None  # cumulative
     cum_log_prob: float | None = None
+
+    @classmethod
+    def merge(cls, chunks: Sequence[EngineChunk]) -> EngineChunk:
+        """Consecutive responses of one request as one: text, tokens and logprobs joined; the running counts and
+        the end as the latest response that reports them says."""
+        if len(chunks) == 1:
+            return chunks[0]
+
+        def joined(name: str) -> list | None:
+            parts = [part for part in (getattr(c, name) for c in chunks) if part is not None]
+            return [item for part in parts for item in part] if parts else None
+
+        def latest(name: str):
+            return next((value for value in (getattr(c, name) for c in reversed(chunks)) if value is not None), None)
+
+        return cls(
+            text="".join(c.text for c in chunks),
+            token_ids=[t for c in chunks for t in c.token_ids],
+            log_probs=joined("log_probs"),
+            top_logprobs=joined("top_logprobs"),
+            finish_reason=latest("finish_reason"),
+            stop_reason=latest("stop_reason"),
+            num_input_tokens=latest("num_input_tokens"),
+            num_output_tokens=latest("num_output_tokens"),
+            cum_log_prob=latest("cum_log_prob"),
+        )
 
 
 class Engine(Protocol):

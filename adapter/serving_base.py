@@ -117,15 +117,15 @@ async def chained(first: EngineChunk | None, rest: AsyncIterator[EngineChunk]) -
             yield chunk
 
 
-async def merged(streams: list[AsyncIterator[EngineChunk]]) -> AsyncIterator[tuple[int, EngineChunk | None]]:
+async def merged(streams: list[AsyncIterator[EngineChunk]],
+                 coalesce: bool) -> AsyncIterator[tuple[int, EngineChunk | None]]:
     """The streams' chunks as they arrive, as (stream index, chunk), and (index, None) when a stream ends.
-    The first error of any stream ends the whole; closing this closes (and so cancels) every stream."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as only:
-            async for chunk in only:
-                yield 0, chunk
-        yield 0, None
-        return
+
+    The streams are read in the background, so chunks wait here while the reader is busy (an SSE client that
+    reads slower than the engine writes). With `coalesce`, what waits comes out as one chunk per stream
+    (`EngineChunk.merge`): a lagging client gets fewer, larger events, and one that keeps up still gets every
+    chunk alone, since nothing waits for more to arrive. The first error of any stream ends the whole, after the
+    chunks before it; closing this closes (and so cancels) every stream."""
     queue: asyncio.Queue[tuple[int, EngineChunk | None, BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[EngineChunk]) -> None:
@@ -141,16 +141,30 @@ async def merged(streams: list[AsyncIterator[EngineChunk]]) -> AsyncIterator[tup
     try:
         running = len(tasks)
         while running:
-            index, chunk, error = await queue.get()
+            waiting = [await queue.get()]
+            while coalesce and not queue.empty() and waiting[-1][2] is None:
+                waiting.append(queue.get_nowait())
+            error = waiting[-1][2]  # draining stops at an error: the chunks before it still go out
+            for index, chunk in _merged_per_stream([(i, c) for i, c, e in waiting if e is None]):
+                if chunk is None:
+                    running -= 1
+                yield index, chunk
             if error is not None:
                 raise error
-            if chunk is None:
-                running -= 1
-            yield index, chunk
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _merged_per_stream(items: list[tuple[int, EngineChunk | None]]) -> list[tuple[int, EngineChunk | None]]:
+    """Each stream's chunks among `items` as one, in order of first arrival; the ends after them."""
+    chunks: dict[int, list[EngineChunk]] = {}
+    for index, chunk in items:
+        if chunk is not None:
+            chunks.setdefault(index, []).append(chunk)
+    ends = [(index, None) for index, chunk in items if chunk is None]
+    return [(index, EngineChunk.merge(c)) for index, c in chunks.items()] + ends
 
 
 @dataclass(frozen=True)
@@ -181,10 +195,12 @@ def fan_out(request_id: str, prompts: list[str | list[int]], params: GenerationP
 class Generation:
     """The engine sequences of one API request: started together, read interleaved, counted together."""
 
-    def __init__(self, engine: Engine, sequences: list[Sequence], metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, sequences: list[Sequence], metrics: Metrics | None = None,
+                 coalesce: bool = True):
         self.sequences = sequences
         self.progress = [RequestProgress(s.params) for s in sequences]
         self.metrics = metrics
+        self.coalesce = coalesce  # see `merged`
         self.started_at = time.monotonic()
         self._streams: list[AsyncIterator[EngineChunk]] = [
             engine.generate(s.request_id, s.prompt, s.params) for s in sequences
@@ -201,8 +217,9 @@ class Generation:
         self._streams = [chained(f, s) for f, s in zip(firsts, self._streams)]
 
     async def events(self) -> AsyncIterator[tuple[int, EngineChunk | None]]:
-        """(sequence index, chunk) in arrival order, progress already updated; (index, None) when it ended."""
-        async with aclosing(merged(self._streams)) as chunks:
+        """(sequence index, chunk) in arrival order, progress already updated; (index, None) when it ended. With
+        `coalesce`, a chunk is all of that sequence's that waited to be read (see `merged`)."""
+        async with aclosing(merged(self._streams, self.coalesce)) as chunks:
             async for index, chunk in chunks:
                 progress = self.progress[index]
                 if chunk is None:
@@ -211,6 +228,15 @@ class Generation:
                     progress.update(chunk)
                 yield index, chunk
         self._record()
+
+    async def answers(self) -> list[EngineChunk]:
+        """Every sequence read to its end, each one's chunks merged into one (the non-streamed answer)."""
+        chunks: list[list[EngineChunk]] = [[] for _ in self.sequences]
+        async with aclosing(self.events()) as events:
+            async for index, chunk in events:
+                if chunk is not None:
+                    chunks[index].append(chunk)
+        return [EngineChunk.merge(c) for c in chunks]
 
     def selected(self, n: int) -> list[tuple[int, int]]:
         """(output choice index, sequence index): per prompt, its `n` sequences of highest cumulative
@@ -277,16 +303,17 @@ class OpenAIServing:
     prompt_param = "prompt"  # the request field that an over-long prompt is blamed on
 
     def __init__(self, engine: Engine, model: ServedModel, tokenizer: TokenizerLike | None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, coalesce: bool = True):
         self.engine = engine
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.coalesce = coalesce  # merge the chunks that wait for a slow client (NIM_SSE_COALESCE)
         self._token_texts: dict[int, str] = {}
 
     def generation(self, request_id: str, prompts: list[str | list[int]], params: GenerationParams,
                    per_prompt: int) -> Generation:
-        return Generation(self.engine, fan_out(request_id, prompts, params, per_prompt), self.metrics)
+        return Generation(self.engine, fan_out(request_id, prompts, params, per_prompt), self.metrics, self.coalesce)
 
     async def respond(
         self,

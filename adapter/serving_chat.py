@@ -54,8 +54,9 @@ class OpenAIServingChat(OpenAIServing):
         chat_template: str | None,
         render: ChatRenderer | None = None,
         metrics: Metrics | None = None,
+        coalesce: bool = True,
     ):
-        super().__init__(engine, model, tokenizer, metrics)
+        super().__init__(engine, model, tokenizer, metrics, coalesce)
         self.chat_template = chat_template
         self._render = render
 
@@ -97,18 +98,8 @@ class OpenAIServingChat(OpenAIServing):
             raise BadRequestError(str(exc), param="messages") from None
 
     async def _whole(self, request: ChatCompletionRequest, request_id: str, generation: Generation) -> Response:
-        sequences = generation.sequences
-        texts: list[list[str]] = [[] for _ in sequences]
-        logprobs: list[list[ChatCompletionLogProbsContent] | None] = [
-            [] if request.logprobs else None for _ in sequences
-        ]
-        async with aclosing(generation.events()) as events:
-            async for k, chunk in events:
-                if chunk is None:
-                    continue
-                texts[k].append(chunk.text)
-                if logprobs[k] is not None:
-                    logprobs[k].extend(self.logprobs_content(chunk, request.top_logprobs or 0))
+        answers = await generation.answers()
+        top_n = request.top_logprobs or 0
         response = ChatCompletionResponse(
             id=request_id,
             model=self.model.name,
@@ -116,8 +107,9 @@ class OpenAIServingChat(OpenAIServing):
             choices=[
                 ChatCompletionResponseChoice(
                     index=index,
-                    message=ChatResponseMessage(content="".join(texts[k])),
-                    logprobs=ChatCompletionLogProbs(content=logprobs[k]) if logprobs[k] is not None else None,
+                    message=ChatResponseMessage(content=answers[k].text),
+                    logprobs=(ChatCompletionLogProbs(content=self.logprobs_content(answers[k], top_n))
+                              if request.logprobs else None),
                     finish_reason=generation.progress[k].finish_reason(),
                     stop_reason=generation.progress[k].stop_reason(),
                 )

@@ -51,17 +51,12 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _whole(
         self, request: CompletionRequest, request_id: str, generation: Generation, echoes: list[str]
     ) -> Response:
-        sequences = generation.sequences
-        texts = [[echoes[s.prompt_index]] for s in sequences]
-        logprobs = [CompletionLogProbs() if request.logprobs is not None else None for _ in sequences]
-        offsets = [len(echoes[s.prompt_index]) for s in sequences]
-        async with aclosing(generation.events()) as events:
-            async for i, chunk in events:
-                if chunk is None:
-                    continue
-                texts[i].append(chunk.text)
-                if logprobs[i] is not None:
-                    offsets[i] = self.add_logprobs(logprobs[i], chunk, request.logprobs or 0, offsets[i])
+        answers = await generation.answers()
+        echo = [echoes[s.prompt_index] for s in generation.sequences]
+        logprobs = [CompletionLogProbs() if request.logprobs is not None else None for _ in answers]
+        for k, answer in enumerate(answers):
+            if logprobs[k] is not None:
+                self.add_logprobs(logprobs[k], answer, request.logprobs or 0, len(echo[k]))
         response = CompletionResponse(
             id=request_id,
             model=self.model.name,
@@ -69,7 +64,7 @@ class OpenAIServingCompletion(OpenAIServing):
             choices=[
                 CompletionResponseChoice(
                     index=index,
-                    text="".join(texts[k]),
+                    text=echo[k] + answers[k].text,
                     logprobs=logprobs[k],
                     finish_reason=generation.progress[k].finish_reason(),
                     stop_reason=generation.progress[k].stop_reason(),

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(default=None, validation_alias="NIM_API_KEYS", repr=False)
     api_keys_file: Path | None = Field(default=None, validation_alias="NIM_API_KEYS_FILE")
     max_request_body_bytes: int = Field(default=10 * 2**20, ge=1, validation_alias="NIM_MAX_REQUEST_BODY_BYTES")
+    # A streaming client that falls behind gets the engine chunks waiting for it merged into one event.
+    sse_coalesce: bool = Field(default=True, validation_alias="NIM_SSE_COALESCE")
 
     @model_validator(mode="after")
     def _default_model_name(self):

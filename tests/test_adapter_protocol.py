@@ -608,6 +608,43 @@ def test_chat_n_streams_every_index(client, engine):
     assert events[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
 
 
+def test_merge_joins_chunks_and_keeps_the_latest_counts_and_end():
+    first, *rest = chunks_hello()
+    merged = EngineChunk.merge(rest)
+    assert merged == EngineChunk(text="lo!", token_ids=[2, 3], log_probs=[-0.25, -1.0],
+                                 top_logprobs=[[(2, -0.25), (3, float("-inf"))], [(3, -1.0), (1, -2.0)]],
+                                 num_input_tokens=4, num_output_tokens=3, finish_reason="stop", stop_reason="END")
+    assert EngineChunk.merge([first]) is first
+    assert EngineChunk.merge([]) == EngineChunk()
+    without_logprobs = EngineChunk.merge([EngineChunk(text="a", token_ids=[1]), EngineChunk(text="b", token_ids=[2])])
+    assert without_logprobs.log_probs is None and without_logprobs.top_logprobs is None
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_chunks_waiting_for_the_client_go_out_as_one_event(engine, coalesce):
+    # The fake engine yields without ever waiting, so all its chunks are queued before the first is sent: as for
+    # a client that fell behind a fast engine.
+    app = create_app(Settings(served_model_name=MODEL, sse_coalesce=coalesce), engine=engine,
+                     tokenizer=FakeTokenizer(), render=fake_render)
+    with TestClient(app) as c:
+        events = sse_events(c.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": USER, "n": 2, "stream": True, "logprobs": True, "top_logprobs": 2,
+            "stream_options": {"include_usage": True}}).text)
+        whole = c.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "n": 2, "logprobs": True,
+                                                      "top_logprobs": 2}).json()
+    content = {0: [], 1: []}
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        if choice["delta"].get("content"):
+            content[choice["index"]].append(choice)
+    for choice in whole["choices"]:
+        deltas = content[choice["index"]]
+        assert [d["delta"]["content"] for d in deltas] == (["Hello!"] if coalesce else ["Hel", "lo", "!"])
+        assert [lp for d in deltas for lp in d["logprobs"]["content"]] == choice["logprobs"]["content"]
+    assert events[-1]["usage"] == whole["usage"] == {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+    assert Settings().sse_coalesce is True
+
+
 def test_api_keys_and_body_limit_middleware(engine, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# comment\nkey-two\n\n")

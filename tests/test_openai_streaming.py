@@ -1,6 +1,6 @@
 """Streaming against the real stack: streamed equals non-streamed (n > 1 too), the SSE wire format as raw bytes
-(curl), the usage chunk, the async client, and a client that goes away mid-stream giving the engine its
-capacity back."""
+(curl), the usage chunk, the async client, a client that goes away mid-stream giving the engine its capacity
+back, and one that falls behind getting what waited for it merged into fewer events."""
 
 from __future__ import annotations
 
@@ -244,3 +244,95 @@ def test_disconnect_during_a_whole_request_frees_the_engine(tiny_stack):
     started = time.monotonic()
     wait_for(lambda: engine_gauge(tiny_stack, "llm_engine_requests_running") == 0, timeout=10)
     assert time.monotonic() - started < 2.0, "the engine kept generating for the departed client"
+
+
+
+# --- a client that falls behind -----------------------------------------------------------------------------
+
+
+async def stream_to_a_client_behind(app, path: str, body: dict, caught_up) -> tuple[int, str]:
+    """POST `body` to the ASGI `app` as a client that stops reading at the first event after the roles until
+    `caught_up()` returns: the app's writes wait meanwhile, as uvicorn's do once the socket and its write
+    buffer are full (over loopback only after megabytes, so a real slow reader would need a huge answer)."""
+    request: bytes | None = json.dumps(body).encode()
+    answered = asyncio.Event()
+    status, events, behind = 0, [], True
+
+    async def receive() -> dict:
+        nonlocal request
+        if request is not None:
+            message, request = {"type": "http.request", "body": request, "more_body": False}, None
+            return message
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status, behind
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message.get("body"):
+            if behind and b'"role":' not in message["body"]:
+                await caught_up()
+                behind = False
+            events.append(message["body"])
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    answered.set()
+    return status, b"".join(events).decode("utf-8")
+
+
+async def test_a_client_that_falls_behind_gets_fewer_events_and_the_same_answer(tiny_stack):
+    """The adapter in this process over the stack's Triton, streaming to a client that reads nothing more from
+    its first token until the engine has finished: the chunks that waited for it come merged into fewer events
+    (NIM_SSE_COALESCE, on by default), with the text, logprobs and framing of any stream."""
+    from adapter.app import create_app
+    from adapter.settings import Settings
+
+    async def running() -> float:
+        return await asyncio.to_thread(engine_gauge, tiny_stack, "llm_engine_requests_running")
+
+    async def engine_finished() -> None:  # the gauge is published every 0.2 s: see the request run, then end
+        async with asyncio.timeout(120):
+            while await running() == 0:
+                await asyncio.sleep(0.05)
+            while await running() != 0:
+                await asyncio.sleep(0.1)
+
+    body = {"model": tiny_stack.model_name, "messages": USER, "max_tokens": 200, "n": 2, "temperature": 1.0,
+            "seed": 3, "ignore_eos": True, "logprobs": True, "top_logprobs": 2}
+    async with httpx.AsyncClient(timeout=120) as http:
+        whole = (await http.post(f"{tiny_stack.openai_base_url}/chat/completions", json=body)).json()
+    app = create_app(Settings(model_dir=tiny_stack.model_dir, triton_grpc_url=tiny_stack.grpc_url,
+                              triton_metrics_port=tiny_stack.metrics_port))
+    async with app.router.lifespan_context(app):
+        while await running() != 0:  # the whole request's end, published
+            await asyncio.sleep(0.1)
+        status, raw = await stream_to_a_client_behind(
+            app, "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}},
+            engine_finished)
+    assert status == 200
+    chunks = parse_sse(raw)
+    roles, texts, logprobs, finishes, content_events = {}, defaultdict(str), defaultdict(list), defaultdict(int), 0
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        k, delta = choice["index"], choice["delta"]
+        if "role" in delta:
+            assert k not in roles and k not in texts, "the role comes first"
+            roles[k] = delta["role"]
+        texts[k] += delta.get("content") or ""
+        logprobs[k] += (choice["logprobs"] or {}).get("content") or []
+        finishes[k] += choice["finish_reason"] is not None
+        content_events += bool(delta.get("content") or choice["logprobs"])
+    assert roles == {0: "assistant", 1: "assistant"} and finishes == {0: 1, 1: 1}
+    assert texts == {c["index"]: c["message"]["content"] for c in whole["choices"]}
+    for c in whole["choices"]:
+        assert [e["token"] for e in logprobs[c["index"]]] == [e["token"] for e in c["logprobs"]["content"]]
+        assert [e["logprob"] for e in logprobs[c["index"]]] == pytest.approx(
+            [e["logprob"] for e in c["logprobs"]["content"]], abs=1e-5)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert whole["usage"]["completion_tokens"] == 400
+    assert content_events < 400, "every token had an event of its own"
