@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CACHE := .cache
 
-.PHONY: serve test install model bench clean
+.PHONY: serve test install model aiperf bench clean
 
 install: $(VENV)/.installed
 
@@ -25,11 +25,22 @@ serve: model
 test: model
 	$(PY) -m pytest -q -ra
 
+# NVIDIA's aiperf in its own venv (pins in bench/aiperf-requirements.txt), apart from the product's $(VENV).
+AIPERF_VENV := $(CACHE)/aiperf-venv
+aiperf: $(AIPERF_VENV)/.installed
+
+$(AIPERF_VENV)/.installed: bench/aiperf-requirements.txt
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIPERF_VENV)/bin/python -m pip install --quiet -r bench/aiperf-requirements.txt
+	touch $@
+
 # Minutes of load on this machine: run it alone. Results land in bench/results/.
-bench: model
+bench: model aiperf
 	$(PY) -m bench.engine_decode
 	$(PY) -m bench.serve_load
 	$(PY) -m bench.relay
+	$(PY) -m bench.aiperf_load
 
 clean:
 	rm -rf $(CACHE)/run

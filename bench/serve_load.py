@@ -7,8 +7,9 @@ Without --url it starts the service on the default model (`python -m launcher` o
 sends a prompt of exactly --input-tokens token ids to /v1/completions with `ignore_eos`, asks for
 --output-tokens tokens, and streams. Reported per concurrency: time to first token p50/p99, inter-token
 latency p50, output tokens/s and requests/s. Baselines in the same run: the CPU engine driven in-process on
-the same load (what the adapter and Triton add), non-streamed requests at the highest concurrency (what
-streaming costs), and transformers' continuous batching (`generate_batch`) on the same checkpoint.
+the same load (what the adapter and Triton add), non-streamed requests at concurrency 16 (what streaming
+costs, next to the streamed c=16 row), and transformers' continuous batching (`generate_batch`) on the same
+checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import httpx
 from bench.sse import sse_chunks
 
 RESULTS = Path(__file__).resolve().parent / "results"
+NON_STREAM_CONCURRENCY = 16
 
 
 @dataclass
@@ -145,6 +147,36 @@ def transformers_continuous_batching(model_dir: Path, prompt: list[int], concurr
     return {"requests": concurrency, "output_tok_s": tokens / wall, "requests_s": concurrency / wall}
 
 
+def bench_cache(name: str) -> Path:
+    """A benchmark's work folder: $NIM_CACHE_PATH/<name>, by default .cache/<name>."""
+    return Path(os.environ.get("NIM_CACHE_PATH", Path(__file__).resolve().parent.parent / ".cache")) / name
+
+
+def start_load_stack(model_dir: Path, work: Path, concurrency: int, input_tokens: int, output_tokens: int):
+    """The service on free ports, sized for `concurrency` sequences of input + output tokens."""
+    from launcher.stack_process import start_stack
+
+    return start_stack(model_dir, work, ENGINE_MAX_BATCH_SIZE=str(concurrency),
+                       ENGINE_MAX_QUEUE_SIZE=str(4 * concurrency),
+                       NIM_MAX_MODEL_LEN=str(input_tokens + output_tokens + 16))
+
+
+def metric_cells(r: dict) -> str:
+    """A results row's TTFT p50 / p99, ITL p50, output tok/s and req/s table cells."""
+    nan = float("nan")
+    return (f"{r.get('ttft_p50_ms', nan):.0f} | {r.get('ttft_p99_ms', nan):.0f} | {r.get('itl_p50_ms', nan):.1f} | "
+            f"{r['output_tok_s']:.1f} | {r['requests_s']:.2f}")
+
+
+def write_results(name: str, lines: list[str], rows: dict) -> None:
+    """Prints the markdown table and writes it to bench/results/<name>.md, the rows to <name>.json."""
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
+
+
 def exact_prompt(model_dir: Path, length: int) -> list[int]:
     from tokenization.tokenizer import Tokenizer
 
@@ -166,18 +198,16 @@ def main() -> None:
     args = parser.parse_args()
 
     from build.default_model import ensure_default_model
-    from launcher.stack_process import start_stack, stop_stack
+    from launcher.stack_process import stop_stack
 
     model_dir = (args.model_dir or ensure_default_model()).resolve()
     prompt = exact_prompt(model_dir, args.input_tokens)
-    top = max(args.concurrency)
+    top = max(args.concurrency + [NON_STREAM_CONCURRENCY])
     stack = None
     if args.url:
         url = args.url
     else:
-        work = Path(os.environ.get("NIM_CACHE_PATH", Path(__file__).resolve().parent.parent / ".cache")) / "bench"
-        stack = start_stack(model_dir, work, ENGINE_MAX_BATCH_SIZE=str(top), ENGINE_MAX_QUEUE_SIZE=str(4 * top),
-                            NIM_MAX_MODEL_LEN=str(args.input_tokens + args.output_tokens + 16))
+        stack = start_load_stack(model_dir, bench_cache("bench"), top, args.input_tokens, args.output_tokens)
         url = stack.openai_base_url
     model = httpx.get(f"{url}/models").json()["data"][0]["id"]
     rows = {}
@@ -187,8 +217,8 @@ def main() -> None:
             rows[f"stream c={n}"] = asyncio.run(run_level(url, model, prompt, n, args.output_tokens, True, args.rounds))
             print(n, rows[f"stream c={n}"], flush=True)
         if not args.skip_baselines:
-            rows[f"non-stream c={top}"] = asyncio.run(
-                run_level(url, model, prompt, top, args.output_tokens, False, args.rounds))
+            rows[f"non-stream c={NON_STREAM_CONCURRENCY}"] = asyncio.run(
+                run_level(url, model, prompt, NON_STREAM_CONCURRENCY, args.output_tokens, False, args.rounds))
     finally:
         if stack:
             stop_stack(stack)
@@ -203,13 +233,8 @@ def main() -> None:
     lines = [f"# {header}", "",
              "| run | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | output tok/s | req/s |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r.get('ttft_p50_ms', float('nan')):.0f} | {r.get('ttft_p99_ms', float('nan')):.0f} | "
-                     f"{r.get('itl_p50_ms', float('nan')):.1f} | {r['output_tok_s']:.1f} | {r['requests_s']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_load.md").write_text(table + "\n")
-    (RESULTS / "serve_load.json").write_text(json.dumps(rows, indent=2))
+        lines.append(f"| {name} | {metric_cells(r)} |")
+    write_results("serve_load", lines, rows)
 
 
 if __name__ == "__main__":
