@@ -282,12 +282,20 @@ class Engine:
 
     def _choose_all(self, requests: list[_Request], logits: torch.Tensor) -> None:
         """Next token of each request from its row of `logits`."""
-        # Rows that only need the argmax of their logits get it from one batched call.
-        greedy = [sampling.plain_greedy(r.params, len(r.generated)) for r in requests]
-        argmax = sampling.argmax(logits).tolist() if any(greedy) else None
+        # Rows that only need the argmax of their logits, or only a draw from their softmax, get it from one
+        # batched call each; the others go through the full per-row path.
+        greedy = [i for i, r in enumerate(requests) if sampling.plain_greedy(r.params, len(r.generated))]
+        drawn = [i for i, r in enumerate(requests) if sampling.plain_sampling(r.params, len(r.generated))]
+        tokens = {}
+        if greedy:
+            tokens.update(zip(greedy, sampling.argmax(logits[greedy]).tolist()))
+        if drawn:
+            temperatures = torch.tensor([requests[i].params.temperature for i in drawn], dtype=logits.dtype)
+            uniforms = torch.stack([sampling.uniform(requests[i].generator) for i in drawn])
+            tokens.update(zip(drawn, sampling.sample(logits[drawn], uniforms, temperatures).tolist()))
         for i, (r, row) in enumerate(zip(requests, logits)):
-            if greedy[i]:
-                self._append(r, sampling.Choice(argmax[i], None, None))
+            if i in tokens:
+                self._append(r, sampling.Choice(tokens[i], None, None))
             else:
                 self._advance(r, row)
 

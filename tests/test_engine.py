@@ -159,11 +159,13 @@ def staggered(engine, jobs, join_after: int = 3) -> dict[str, GenerationOutput]:
     return results
 
 
-@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "plain-sampled"])
 def test_batch_neighbours_do_not_change_results(gemma, mode):
     def params(i):
         if mode == "greedy":
             return greedy(12 + 3 * i)
+        if mode == "plain-sampled":  # drawn for the whole batch at once
+            return SamplingParams(max_new_tokens=12 + 3 * i, temperature=0.7 + 0.1 * i, seed=100 + i)
         return SamplingParams(
             max_new_tokens=12 + 3 * i, temperature=0.9, top_k=100, top_p=0.95, seed=100 + i,
             repetition_penalty=1.1 if i % 2 else 1.0, frequency_penalty=0.2 * (i % 3),
@@ -187,6 +189,29 @@ def test_fast_argmax_matches_torch_including_ties(vocab):
     logits[3] = 0.0  # all equal
     assert torch.equal(sampling.argmax(logits), logits.argmax(-1))
     assert sampling.argmax(logits).tolist()[1:4] == [7, vocab - 2, 0]
+
+
+@pytest.mark.parametrize("vocab", [2048, 1000])  # 512-token blocks, and one block of the whole row
+def test_batched_sampling_draws_from_the_softmax_and_never_a_masked_token(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    row = torch.randn(vocab, generator=g)
+    row[vocab // 3 :] = float("-inf")  # masked tokens, whole blocks of them included
+    row[5] += 6.0  # a likely token, so its frequency is measured precisely
+    draws = 20000
+    tokens = sampling.sample(row.expand(draws, -1).contiguous(), torch.rand(draws, dtype=torch.float64, generator=g))
+    assert int(tokens.max()) < vocab // 3
+    frequency = torch.bincount(tokens, minlength=vocab).double() / draws
+    probability = row.double().softmax(-1)
+    # within 5 binomial standard deviations for every token
+    assert ((frequency - probability).abs() <= 5 * (probability * (1 - probability) / draws).sqrt() + 1e-4).all()
+
+
+def test_batched_sampling_rows_do_not_depend_on_their_neighbours():
+    logits = torch.randn(6, 4096, generator=torch.Generator().manual_seed(0))
+    uniforms = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    together = sampling.sample(logits, uniforms)
+    alone = torch.cat([sampling.sample(logits[i : i + 1], uniforms[i : i + 1]) for i in range(6)])
+    assert torch.equal(together, alone)
 
 
 def test_seed_reproducibility(gemma):
