@@ -16,6 +16,7 @@ import torch
 from .params import SamplingParams
 
 NEG_INF = float("-inf")
+NUCLEUS_CANDIDATES = 4096
 
 
 @dataclass
@@ -134,14 +135,26 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> to
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, NEG_INF)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits)
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[-1] = False  # always keep the most likely token
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), NEG_INF)
+        logits = nucleus(logits, top_p)
     if min_p > 0.0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(), NEG_INF)
     return logits
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens while the mass of those above them is below `top_p` (HF's top-p: the
+    first always stays). Sorting a 262k-token row takes ~30 ms, so the nucleus is looked for among the
+    top candidates first; only when they hold less than `top_p` of the mass is the whole row sorted."""
+    probs = logits.softmax(-1)
+    values, ids = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]))
+    if float(values.sum()) < top_p:
+        values, ids = torch.sort(probs, descending=True)
+    mass_above = values.cumsum(-1) - values
+    keep = ids[mass_above < top_p]
+    kept = torch.full_like(logits, NEG_INF)
+    kept[keep] = logits[keep]
+    return kept
 
 
 def process_logits(

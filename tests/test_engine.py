@@ -206,6 +206,22 @@ def test_batched_sampling_draws_from_the_softmax_and_never_a_masked_token(vocab)
     assert ((frequency - probability).abs() <= 5 * (probability * (1 - probability) / draws).sqrt() + 1e-4).all()
 
 
+def hf_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' TopPLogitsWarper on one row."""
+    sorted_logits, order = torch.sort(logits)
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[-1] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked: the nucleus is among the candidates; flat: it is not
+def test_top_p_keeps_the_same_tokens_as_transformers(scale):
+    g = torch.Generator().manual_seed(int(scale * 10))
+    for top_p in (0.05, 0.5, 0.9, 0.99):
+        row = torch.randn(2 * sampling.NUCLEUS_CANDIDATES, generator=g) * scale
+        assert torch.equal(sampling.nucleus(row, top_p).isinf(), hf_top_p(row, top_p).isinf())
+
+
 def test_batched_sampling_rows_do_not_depend_on_their_neighbours():
     logits = torch.randn(6, 4096, generator=torch.Generator().manual_seed(0))
     uniforms = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
