@@ -1,6 +1,6 @@
-"""In-flight batching engine: a background thread that admits waiting requests into free cache slots,
-prefills them (packed together, up to a token budget), then runs one batched decode step for every running
-request."""
+"""In-flight batching engine: a background thread that admits waiting requests into free cache slots, and
+in each round prefills up to a token budget of their prompts (packed together), then runs one batched decode
+step for every prefilled request."""
 
 import ctypes
 import heapq
@@ -19,8 +19,9 @@ from .params import SamplingParams
 
 log = logging.getLogger(__name__)
 
-# Prompts admitted together are prefilled as one packed sequence of at most this many tokens (a longer prompt
-# runs alone): one pass over the weights instead of one per prompt.
+# Admitted prompts are prefilled as one packed sequence of at most this many tokens (a longer prompt runs
+# alone): one pass over the weights instead of one per prompt. One such pass goes between two decode steps,
+# so a burst of new prompts delays the running streams by one pass per step rather than stalling them.
 PREFILL_TOKENS = 512
 
 
@@ -121,7 +122,8 @@ class Engine:
 
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
-        self._running: dict[int, _Request] = {}  # slot -> request
+        self._running: dict[int, _Request] = {}  # slot -> request, prefilled or not
+        self._prefilling: deque[_Request] = deque()  # holding a slot, prompt not yet prefilled
         self._live: dict[str, _Request] = {}  # waiting or running, by id
         self._free_slots = list(range(max_batch_size))  # min-heap: low slots first keeps the batch compact
         self._cancels: set[str] = set()
@@ -221,10 +223,11 @@ class Engine:
                     request = self._live.get(request_id)
                     if request is not None:
                         self._finish(request, "cancelled")
-                for group in self._prefill_groups(self._admit()):
+                self._prefilling.extend(self._admit())
+                group = self._next_prefill_group()
+                if group:
                     self._prefill(group)
-                if self._running:
-                    self._decode_step()
+                self._decode_step()
             for request in list(self._live.values()):
                 self._finish(request, "cancelled")
 
@@ -238,16 +241,18 @@ class Engine:
                 admitted.append(request)
             return admitted
 
-    @staticmethod
-    def _prefill_groups(requests: list[_Request]) -> list[list[_Request]]:
-        groups, tokens = [], 0
-        for r in requests:
-            if not groups or tokens + len(r.prompt) > PREFILL_TOKENS:
-                groups.append([])
-                tokens = 0
-            groups[-1].append(r)
-            tokens += len(r.prompt)
-        return groups
+    def _next_prefill_group(self) -> list[_Request]:
+        group, tokens = [], 0
+        while self._prefilling:
+            request = self._prefilling[0]
+            if self._live.get(request.id) is not request:  # finished (cancelled) while waiting for its prefill
+                self._prefilling.popleft()
+                continue
+            if group and tokens + len(request.prompt) > PREFILL_TOKENS:
+                break
+            group.append(self._prefilling.popleft())
+            tokens += len(request.prompt)
+        return group
 
     def _prefill(self, requests: list[_Request]) -> None:
         try:
@@ -262,7 +267,11 @@ class Engine:
         self._choose_all(requests, logits)
 
     def _decode_step(self) -> None:
-        requests = sorted(self._running.values(), key=lambda r: r.slot)
+        # Slots still waiting for their prefill ride along like idle ones: their cache rows are written by
+        # the prefill before they are ever attended to.
+        requests = sorted((r for r in self._running.values() if r.generated), key=lambda r: r.slot)
+        if not requests:
+            return
         n = requests[-1].slot + 1
         last_pos = max(len(r.prompt) + len(r.generated) - 1 for r in requests)
         # Idle slots below n ride along at the batch's last position (their results are discarded).

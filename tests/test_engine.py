@@ -454,3 +454,28 @@ def test_gemma3_legacy_config_fields():
     assert cfg.rope[FULL].theta == 1e6 and cfg.rope[FULL].factor == 8.0
     assert cfg.rope[SLIDING].theta == 1e4 and cfg.rope[SLIDING].rope_type == "default"
     assert cfg.attn_scale == 0.25 and cfg.tie_word_embeddings
+
+
+def test_running_streams_advance_between_the_prefills_of_a_burst(gemma):
+    """A burst larger than one prefill pass is prefilled a pass per decode step, not all before the next step."""
+    events, done = [], threading.Semaphore(0)
+    burst = [(f"burst-{i}", prompt(100, seed=50 + i)) for i in range(7)]  # 700 tokens: two prefill passes
+
+    def on_burst(out: GenerationOutput):
+        events.append(out.request_id)
+        if out.finished:
+            done.release()
+
+    def on_running(out: GenerationOutput):
+        events.append("running")
+        if out.num_output_tokens == 3:  # on the engine thread: the whole burst waits for the next loop
+            for rid, ids in burst:
+                gemma.submit(rid, ids, greedy(2), on_burst)
+        if out.finished:
+            done.release()
+
+    gemma.submit("running", prompt(5), greedy(12), on_running)
+    for _ in range(len(burst) + 1):
+        assert done.acquire(timeout=60)
+    first, last = events.index("burst-0"), events.index("burst-6")
+    assert "running" in events[first:last]
