@@ -247,8 +247,16 @@ class TritonEngine:
         self.cancel_timeout_s = cancel_timeout_s
         self._client = InferenceServerClient(url)  # create inside the running event loop (the app's lifespan)
         self._background: set[asyncio.Task] = set()
+        self._in_flight: dict[str, asyncio.Task] = {}  # request id -> reader task, of open generate() streams
 
     async def close(self) -> None:
+        # At shutdown uvicorn cancels the streaming tasks without closing their generators, so the requests
+        # still running are stopped here, while Triton takes requests (it would otherwise wait for each).
+        if self._in_flight:
+            in_flight = dict(self._in_flight)
+            logger.info("stopping %d in-flight request(s) in the engine", len(in_flight))
+            await asyncio.gather(*(self.cancel(request_id) for request_id in in_flight))
+            await asyncio.wait(in_flight.values(), timeout=self.cancel_timeout_s)
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.cancel_timeout_s)
         await self._client.close()
@@ -270,8 +278,19 @@ class TritonEngine:
         request = infer_request(self.model_name, request_id, ensemble_inputs(prompt, params))
         finished = False
         call, done = self._open_stream(request)
+        # The call is read by a task of its own: when the consumer of this generator is cancelled (a client
+        # went away), the gRPC call must not be cancelled with it. Cancelling it cancels the request inside
+        # Triton, and Triton 2.51's ensemble then sometimes never completes the request: it stays in flight,
+        # and Triton's shutdown waits for it until killed. An abandoned request is stopped in the engine
+        # instead, and its stream read to its end.
+        responses: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.get_running_loop().create_task(self._read(call, responses))
+        self._in_flight[request_id] = reader
         try:
-            async for response in call:
+            while (response := await responses.get()) is not None:
+                if isinstance(response, grpc.aio.AioRpcError):
+                    finished = True
+                    raise error_from_rpc(response)
                 if response.error_message:
                     finished = True
                     raise error_from_message(response.error_message)
@@ -283,15 +302,39 @@ class TritonEngine:
                 if final:
                     return
             finished = True  # the server closed the stream: nothing left to cancel
+        finally:
+            self._in_flight.pop(request_id, None)
+            if finished:
+                done.set()
+                call.cancel()
+            else:
+                logger.info("request %s abandoned before its end: stopping it in the engine", request_id)
+                self._in_background(self._stop_and_drain(request_id, reader, call, done))
+
+    @staticmethod
+    async def _read(call, responses: asyncio.Queue) -> None:
+        """Every response of `call` into `responses`, then None; a gRPC error ends it in place of None."""
+        try:
+            async for response in call:
+                responses.put_nowait(response)
+                if response.error_message or _is_final(response.infer_response):
+                    break
+            responses.put_nowait(None)
         except grpc.aio.AioRpcError as exc:
-            finished = True
-            raise error_from_rpc(exc) from None
+            responses.put_nowait(exc)
+
+    async def _stop_and_drain(self, request_id: str, reader: asyncio.Task, call, done: asyncio.Event) -> None:
+        """Stop an abandoned request in the engine, then let its stream run to its final response."""
+        try:
+            await self.cancel(request_id)
+            async with asyncio.timeout(self.cancel_timeout_s):
+                await reader
+        except TimeoutError:
+            logger.warning("request %s did not end within %s s of its stop request", request_id, self.cancel_timeout_s)
         finally:
             done.set()
             call.cancel()
-            if not finished:
-                logger.info("request %s abandoned before its end: stopping it in the engine", request_id)
-                self._in_background(self.cancel(request_id))
+            reader.cancel()
 
     async def cancel(self, request_id: str) -> None:
         """Ask the engine model to stop `request_id` (a `stop = true` request with the same id); never raises."""

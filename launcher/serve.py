@@ -1,7 +1,10 @@
 """Start Triton on a rendered model repository, wait for the ensemble, then start the OpenAI adapter.
 
-SIGINT/SIGTERM stops both. Children also get SIGTERM if this process dies (PR_SET_PDEATHSIG), so nothing
-is left orphaned. If Triton dies, the adapter stays up and reports not-ready on /v1/health/ready.
+SIGINT/SIGTERM stops both, the adapter first: it cancels its in-flight requests in the engine while Triton still
+takes requests (Triton stops taking them, stop requests included, once it is told to exit, and would then wait
+for every running generation). The children run in their own process group, so a terminal's Ctrl-C reaches
+only this process, which keeps that order. They also get SIGTERM if this process dies (PR_SET_PDEATHSIG), so
+nothing is left orphaned. If Triton dies, the adapter stays up and reports not-ready on /v1/health/ready.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def _die_with_parent() -> None:
 
 
 def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
+    return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent, process_group=0)
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float, what: str) -> None:
@@ -77,10 +80,10 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float, what: str
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
+    """Stop the processes one at a time, the last started first."""
+    for process in reversed(processes):
         if process.poll() is None:
             process.terminate()
-    for process in processes:
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:

@@ -90,7 +90,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.error: str | None = None
         self.delay_s = 0.0
         self.steps = 2
-        self.stream_cancelled = asyncio.Event()
+        self.completed: list[str] = []  # requests whose stream reached its final response (not cancelled before)
+        self.request_completed = asyncio.Event()
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -99,28 +100,29 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=request.name == "ensemble")
 
     async def ModelStreamInfer(self, request_iterator, context):
-        try:
-            async for request in request_iterator:
-                if request.model_name == "tensorrt_llm":
-                    self.stop_requests.append(request)
-                    self.stopped.set()
-                    yield service_pb2.ModelStreamInferResponse(infer_response=infer_response(request.id, {}, True))
-                    continue
-                self.requests.append(request)
-                if self.error:
-                    yield service_pb2.ModelStreamInferResponse(error_message=self.error)
-                    continue
-                for step in range(self.steps):
-                    await asyncio.sleep(self.delay_s)
-                    last = step == self.steps - 1
-                    outputs = step_outputs(" world" if step else "Hello", [100 + step], step + 1,
-                                           "length" if last else "")
-                    response = infer_response(request.id, outputs, False)
-                    yield service_pb2.ModelStreamInferResponse(infer_response=response)
+        async for request in request_iterator:
+            if request.model_name == "tensorrt_llm":  # like the engine: the stopped request ends at its next step
+                self.stop_requests.append(request)
+                self.stopped.set()
                 yield service_pb2.ModelStreamInferResponse(infer_response=infer_response(request.id, {}, True))
-        except asyncio.CancelledError:
-            self.stream_cancelled.set()
-            raise
+                continue
+            self.requests.append(request)
+            if self.error:
+                yield service_pb2.ModelStreamInferResponse(error_message=self.error)
+                continue
+            for step in range(self.steps):
+                await asyncio.sleep(self.delay_s)
+                stopped = any(stop.id == request.id for stop in self.stop_requests)
+                last = step == self.steps - 1 or stopped
+                outputs = step_outputs(" world" if step else "Hello", [100 + step], step + 1,
+                                       ("cancelled" if stopped else "length") if last else "")
+                response = infer_response(request.id, outputs, False)
+                yield service_pb2.ModelStreamInferResponse(infer_response=response)
+                if last:
+                    break
+            self.completed.append(request.id)
+            self.request_completed.set()
+            yield service_pb2.ModelStreamInferResponse(infer_response=infer_response(request.id, {}, True))
 
 
 @pytest_asyncio.fixture(loop_scope="function")
@@ -259,7 +261,9 @@ async def test_closing_the_generator_early_stops_the_engine_request(engine, fake
     assert stop.model_name == "tensorrt_llm" and stop.id == "req-cancel"
     assert {k: v.tolist() for k, v in request_tensors(stop).items()} == {
         "input_ids": [[0]], "input_lengths": [[1]], "request_output_len": [[1]], "stop": [[True]]}
-    await asyncio.wait_for(fake_triton.stream_cancelled.wait(), 5)
+    # The stream runs to its final response: cancelling the call would cancel the request inside Triton.
+    await asyncio.wait_for(fake_triton.request_completed.wait(), 5)
+    assert fake_triton.completed == ["req-cancel"]
 
 
 async def test_a_cancelled_task_stops_the_engine_request(engine, fake_triton):

@@ -102,3 +102,27 @@ def test_triton_death_means_not_ready_and_sigterm_leaves_no_process(tiny_gemma_d
         stop_stack(stack)
     assert stack.process.returncode == 0
     assert not alive(family), "processes left behind after SIGTERM"
+
+
+def test_stopping_with_a_generation_in_flight_cancels_it_instead_of_waiting_for_it(default_model_dir, tmp_path):
+    """The adapter goes first and stops its requests in the engine; otherwise Triton waits for them (30 s)."""
+    stack = start_stack(default_model_dir, tmp_path, NIM_MAX_MODEL_LEN="2048")
+    body = {"model": stack.model_name, "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    started = threading.Event()
+
+    def stream():
+        try:
+            with httpx.stream("POST", f"{stack.openai_base_url}/completions", json=body, timeout=120) as reply:
+                for _ in reply.iter_lines():
+                    started.set()
+        except httpx.HTTPError:
+            pass  # the server closes the stream as it stops
+
+    client = threading.Thread(target=stream)
+    client.start()
+    assert started.wait(60)
+    began = time.monotonic()
+    stop_stack(stack)  # SIGTERM to the launcher
+    client.join(30)
+    assert stack.process.returncode == 0
+    assert time.monotonic() - began < 15, stack.log_text()[-3000:]
