@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 CACHE := .cache
+# pip itself is pinned like everything else the venvs install
+PIP_VERSION := 26.3
 
 .PHONY: serve test install model aiperf bench clean
 
@@ -11,7 +13,7 @@ install: $(VENV)/.installed
 # torch==2.13.0 (CPU) comes from the machine's wheel folder; every other pin is in requirements.txt.
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
@@ -31,7 +33,7 @@ aiperf: $(AIPERF_VENV)/.installed
 
 $(AIPERF_VENV)/.installed: bench/aiperf-requirements.txt
 	$(PYTHON) -m venv $(AIPERF_VENV)
-	$(AIPERF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIPERF_VENV)/bin/python -m pip install --quiet pip==$(PIP_VERSION)
 	$(AIPERF_VENV)/bin/python -m pip install --quiet -r bench/aiperf-requirements.txt
 	touch $@
 

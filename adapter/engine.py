@@ -34,7 +34,7 @@ class GenerationParams:
     add_special_tokens: bool | None = None
     return_log_probs: bool = False
     top_logprobs: int | None = None  # alternatives per position (with return_log_probs)
-    stream: bool = True  # one engine response per step, or one at the end
+    stream: bool = True  # the client asked for a stream (the engine streams either way: see ensemble_inputs)
 
 
 @dataclass

@@ -269,7 +269,7 @@ class Generation:
             return
         self.metrics.observe_prompt(self._prompt_tokens())
         for s, p in zip(self.sequences, self.progress):
-            # Time to first token is only known when the engine streamed (one response per step).
+            # Time to first token is recorded for streamed requests: only their clients see a first token.
             first = p.first_token_at - self.started_at if p.first_token_at is not None and s.params.stream else None
             self.metrics.observe_sequence(finish_reason=p.finish_reason(), output_tokens=p.completion_tokens,
                                           first_token_s=first, e2e_s=(p.ended_at or time.monotonic()) - self.started_at)

@@ -26,6 +26,13 @@ class Choice:
     top_logprobs: list[tuple[int, float]] | None
 
 
+def _block_size(vocab: int) -> int:
+    """Tokens per block for the two-level scans below: 512 when the vocabulary divides into them (262k does),
+    else its largest power-of-two divisor up to 512; 0 when that is under 64, too small to gain."""
+    block = math.gcd(vocab, 512)
+    return block if block >= 64 else 0
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """`logits.argmax(-1)` of `[rows, vocab]` logits (first index among ties), for finite logits.
 
@@ -33,8 +40,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     each row's first block holding its maximum, leaving argmax only that block to scan.
     """
     rows, vocab = logits.shape
-    block = math.gcd(vocab, 512)
-    if block < 64:
+    block = _block_size(vocab)
+    if not block:
         return logits.argmax(-1)
     blocks = logits.reshape(rows, vocab // block, block)
     block_max = blocks.amax(-1)
@@ -55,9 +62,7 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Ten
     if temperatures is not None:
         weights.div_(temperatures[:, None])
     weights.exp_()  # -inf (masked) -> 0
-    block = math.gcd(vocab, 512)
-    if block < 64:
-        block = vocab
+    block = _block_size(vocab) or vocab  # a single block: one cumulative sum over the row
     blocks = weights.view(rows, vocab // block, block)
     ends = blocks.sum(-1).to(torch.float64).cumsum(-1)  # cumulative mass at each block's end
     targets = uniforms.to(torch.float64) * ends[:, -1]
@@ -77,8 +82,13 @@ def uniform(generator: torch.Generator | None) -> torch.Tensor:
 def plain_sampling(params: SamplingParams, num_generated: int) -> bool:
     """True when the next token is a temperature-scaled draw from the raw logits and nothing else is
     reported, so that rows like it can be sampled together by `sample`."""
-    return not params.greedy and plain_logits(params, num_generated) and params.top_k == 0 and params.top_p == 1.0 \
+    return (
+        not params.greedy
+        and plain_logits(params, num_generated)
+        and params.top_k == 0
+        and params.top_p == 1.0
         and params.min_p == 0.0
+    )
 
 
 def plain_logits(params: SamplingParams, num_generated: int) -> bool:

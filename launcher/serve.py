@@ -79,16 +79,21 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float, what: str
     raise RuntimeError(f"{what} was not ready after {timeout_s:.0f} s")
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def _stop(processes: list[subprocess.Popen]) -> None:
     """Stop the processes one at a time, the last started first."""
     for process in reversed(processes):
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.serve import REPO_ROOT, free_port
+from launcher.serve import REPO_ROOT, free_port, stop_process
 
 
 @dataclass
@@ -74,10 +73,4 @@ def start_stack(model_dir: Path, work_dir: Path, timeout_s: float = 300.0, **ext
 
 
 def stop_stack(stack: Stack) -> None:
-    if stack.process.poll() is None:
-        stack.process.send_signal(signal.SIGTERM)
-        try:
-            stack.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            stack.process.kill()
-            stack.process.wait()
+    stop_process(stack.process, timeout_s=30)

@@ -20,7 +20,7 @@ from engine.generate import merge_outputs
 
 log = logging.getLogger(__name__)
 
-Target = TypeVar("Target")  # what a request's responses go to (Triton's response sender, in the shell)
+Target = TypeVar("Target")  # where a request's responses go, hashed by identity (the shell's Stream)
 
 
 class OutputRelay(Generic[Target]):
@@ -30,7 +30,7 @@ class OutputRelay(Generic[Target]):
         self._min_tokens = max(1, min_tokens)
         self._cv = threading.Condition()
         self._queued: list[tuple[Target, GenerationOutput]] = []
-        self._held: dict[int, list[GenerationOutput]] = {}  # id(target) -> outputs below min_tokens
+        self._held: dict[Target, list[GenerationOutput]] = {}  # outputs below min_tokens, by target
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="output-relay", daemon=True)
         self._thread.start()
@@ -59,7 +59,7 @@ class OutputRelay(Generic[Target]):
                 merged = merge_outputs(outputs)
                 first = merged.num_output_tokens == len(merged.token_ids)
                 if not (merged.finished or first) and len(merged.token_ids) < self._min_tokens:
-                    self._held[id(target)] = [merged]
+                    self._held[target] = [merged]
                     continue
                 try:
                     self._send(target, merged)
@@ -68,10 +68,9 @@ class OutputRelay(Generic[Target]):
 
     def _by_target(self, batch: list[tuple[Target, GenerationOutput]]):
         """Each target's held and newly queued outputs, in order, targets in order of first appearance."""
-        grouped: dict[int, tuple[Target, list[GenerationOutput]]] = {}
+        grouped: dict[Target, list[GenerationOutput]] = {}
         for target, output in batch:
-            key = id(target)
-            if key not in grouped:
-                grouped[key] = (target, self._held.pop(key, []))
-            grouped[key][1].append(output)
-        return grouped.values()
+            if target not in grouped:
+                grouped[target] = self._held.pop(target, [])
+            grouped[target].append(output)
+        return grouped.items()

@@ -7,7 +7,6 @@ Then the whole adapter (uvicorn + TritonEngine) with the openai SDK against the 
 from __future__ import annotations
 
 import asyncio
-import socket
 from contextlib import aclosing
 
 import grpc
@@ -33,12 +32,7 @@ from adapter.triton_engine import (
     infer_request,
     parse_outputs,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launcher.serve import free_port
 
 
 def request_tensors(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:

@@ -8,19 +8,17 @@ in front of the same tritonserver as `tiny_stack`.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from launcher.serve import REPO_ROOT, free_port, stop_process
 from tokenization.chat_template import render_chat
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "Name three French cities."}]
 KEY_A, KEY_B = "sk-test-alpha-0123456789", "sk-test-bravo-9876543210"
 TEMPLATE = (
@@ -225,18 +223,12 @@ def test_continue_with_add_generation_prompt_true_is_400(base, tiny_stack):
 # --- a second adapter: API keys, a custom chat template, a small body limit ---------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def keyed(tiny_stack, tmp_path_factory):
     work = tmp_path_factory.mktemp("keyed-adapter")
     (work / "keys.txt").write_text(f"# one key per line\n{KEY_B}\n")
     (work / "template.jinja").write_text(TEMPLATE)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.update(
         MODEL_DIR=str(tiny_stack.model_dir), TRITON_GRPC_URL=tiny_stack.grpc_url, NIM_SERVER_PORT=str(port),
@@ -262,12 +254,7 @@ def keyed(tiny_stack, tmp_path_factory):
             time.sleep(0.3)
         yield base, log_path
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def test_api_keys_are_required_on_v1(keyed, tiny_stack):
