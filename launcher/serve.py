@@ -79,6 +79,9 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float, what: str
     raise RuntimeError(f"{what} was not ready after {timeout_s:.0f} s")
 
 
+TRITON_EXIT_TIMEOUT_S = 5
+
+
 def stop_process(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
     """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
     if process.poll() is None:
@@ -148,6 +151,10 @@ def main() -> None:
             f"--http-port={http_port}",
             "--log-verbose=0",
             "--exit-on-error=true",
+            # The adapter has stopped its generations before Triton is told to exit; what remains can only be a
+            # direct gRPC client's stream, or Triton 2.51 holding an ensemble that it sometimes never unloads
+            # after a stopped request. Its default, 30 s, would outlast the launcher's own 20 s wait.
+            f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}",
         ],
         triton_env,
     )
