@@ -256,15 +256,13 @@ class Engine:
 
     def _prefill(self, requests: list[_Request]) -> None:
         try:
-            logits = self.model.prefill(
+            hidden = self.model.prefill(
                 [r.slot for r in requests], [torch.tensor(r.prompt, dtype=torch.long) for r in requests]
             )
+            self._choose_all(requests, hidden)
         except Exception as e:
             log.exception("prefill failed for requests %s", [r.id for r in requests])
-            for r in requests:
-                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-            return
-        self._choose_all(requests, logits)
+            self._fail(requests, e)
 
     def _decode_step(self) -> None:
         # Slots still waiting for their prefill ride along like idle ones: their cache rows are written by
@@ -281,32 +279,40 @@ class Engine:
             tokens[r.slot] = r.generated[-1]
             positions[r.slot] = len(r.prompt) + len(r.generated) - 1
         try:
-            logits = self.model.decode(tokens, positions, torch.tensor([r.slot for r in requests]))
+            hidden = self.model.decode(tokens, positions)[[r.slot for r in requests]]
+            self._choose_all(requests, hidden)
         except Exception as e:
             log.exception("decode step failed")
-            for r in requests:
-                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-            return
-        self._choose_all(requests, logits)
+            self._fail(requests, e)
 
-    def _choose_all(self, requests: list[_Request], logits: torch.Tensor) -> None:
-        """Next token of each request from its row of `logits`."""
-        # Rows that only need the argmax of their logits, or only a draw from their softmax, get it from one
-        # batched call each; the others go through the full per-row path.
+    def _fail(self, requests: list[_Request], error: Exception) -> None:
+        for r in requests:
+            self._finish(r, "error", error=f"{type(error).__name__}: {error}")
+
+    def _choose_all(self, requests: list[_Request], hidden: torch.Tensor) -> None:
+        """Next token of each request from its row of final hidden states."""
+        # Rows that only need the argmax of their logits get it from the model's greedy path (which skips most
+        # of the output layer); rows that only need a draw from their softmax get it from one batched call;
+        # the others go through the full per-row path. Tokens are all chosen before any is delivered.
         greedy = [i for i, r in enumerate(requests) if sampling.plain_greedy(r.params, len(r.generated))]
-        drawn = [i for i, r in enumerate(requests) if sampling.plain_sampling(r.params, len(r.generated))]
+        others = sorted(set(range(len(requests))) - set(greedy))
         tokens = {}
         if greedy:
-            tokens.update(zip(greedy, sampling.argmax(logits[greedy]).tolist()))
+            tokens.update(zip(greedy, self.model.greedy(hidden[greedy]).tolist()))
+        logits = self.model.logits(hidden[others]) if others else None
+        drawn = [j for j, i in enumerate(others) if sampling.plain_sampling(requests[i].params, len(requests[i].generated))]
         if drawn:
-            temperatures = torch.tensor([requests[i].params.temperature for i in drawn], dtype=logits.dtype)
-            uniforms = torch.stack([sampling.uniform(requests[i].generator) for i in drawn])
-            tokens.update(zip(drawn, sampling.sample(logits[drawn], uniforms, temperatures).tolist()))
-        for i, (r, row) in enumerate(zip(requests, logits)):
+            params = [requests[others[j]].params for j in drawn]
+            temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+            uniforms = torch.stack([sampling.uniform(requests[others[j]].generator) for j in drawn])
+            drawn_tokens = sampling.sample(logits[drawn], uniforms, temperatures).tolist()
+            tokens.update(zip((others[j] for j in drawn), drawn_tokens))
+        row_of = {i: j for j, i in enumerate(others)}  # request -> its row of `logits`
+        for i, r in enumerate(requests):
             if i in tokens:
                 self._append(r, sampling.Choice(tokens[i], None, None))
             else:
-                self._advance(r, row)
+                self._advance(r, logits[row_of[i]])
 
     def _advance(self, request: _Request, logits: torch.Tensor) -> None:
         """Sample the next token of `request` from its logits row, then deliver or finish."""

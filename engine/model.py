@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from . import sampling, vocab_screen
 from .config import FULL, SLIDING, ModelConfig, RopeConfig
 
 _ACTIVATIONS = {
@@ -123,7 +124,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> 
 class Decoder:
     """Weights plus a KV cache of `[slots, kv_heads, max_seq_len, head_dim]` per layer, written in place."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.float32):
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, screen_vocab: bool = True
+    ):
         self.config = config
         self.dtype = dtype
         c = config
@@ -177,6 +180,11 @@ class Decoder:
                     down_b=opt(m + "down_proj.bias"),
                 )
             )
+        # Greedy rows skip most of the fp32 output layer (see vocab_screen). Softcapped logits keep the plain
+        # argmax: capping can turn distinct logits into fp32 ties, which the screen would not see.
+        self.screen = None
+        if screen_vocab and dtype == torch.float32 and c.final_logit_softcapping is None and vocab_screen.available():
+            self.screen = vocab_screen.VocabScreen(self.lm_head, self.final_norm)
         self.slots = 0
         self.max_seq_len = 0
         self.k_cache: list[torch.Tensor] = []
@@ -184,7 +192,7 @@ class Decoder:
         self.logits_out = torch.empty(0)
 
     @classmethod
-    def from_dir(cls, checkpoint_dir: str | Path, dtype=torch.float32) -> "Decoder":
+    def from_dir(cls, checkpoint_dir: str | Path, dtype=torch.float32, screen_vocab: bool = True) -> "Decoder":
         checkpoint_dir = Path(checkpoint_dir)
         files = sorted(checkpoint_dir.glob("*.safetensors"))
         if not files:
@@ -192,7 +200,7 @@ class Decoder:
         weights = {}
         for f in files:
             weights.update(load_file(f))
-        return cls(ModelConfig.from_dir(checkpoint_dir), weights, dtype)
+        return cls(ModelConfig.from_dir(checkpoint_dir), weights, dtype, screen_vocab)
 
     def allocate_cache(self, slots: int, max_seq_len: int) -> None:
         c = self.config
@@ -208,8 +216,8 @@ class Decoder:
     # ---- public forward passes -------------------------------------------------------------------
 
     def prefill(self, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Run prompts (`[T_i]` token ids) into cache slots `slots`, packed into one sequence; return fp32
-        logits `[len(prompts), vocab]` of each prompt's last position, valid until the next call."""
+        """Run prompts (`[T_i]` token ids) into cache slots `slots`, packed into one sequence; return the final
+        hidden states `[len(prompts), hidden]` of each prompt's last position (for `logits` or `greedy`)."""
         c = self.config
         lengths = torch.tensor([p.shape[0] for p in prompts])
         S = int(lengths.sum())
@@ -245,14 +253,12 @@ class Decoder:
             ).transpose(1, 2)
 
         h = self._run(torch.cat(prompts)[None, :], pos[None, :], attend)
-        return self._logits(h[0, ends - 1])
+        return self._final_norm(h[0, ends - 1])
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """One step for cache slots `0..n-1`: `tokens[i]` goes to position `positions[i]` of slot i.
-
-        Only `rows` (the slots that sample) get logits: returns fp32 `[len(rows), vocab]`, valid until the next
-        call. Slots not in `rows` are computed and discarded; give them a position at or below the batch maximum.
-        """
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for cache slots `0..n-1`: `tokens[i]` goes to position `positions[i]` of slot i. Returns the
+        final hidden states `[n, hidden]` (for `logits` or `greedy`). Slots whose results are discarded still
+        write their cache row: give them a position at or below the batch maximum."""
         n = tokens.shape[0]
         c = self.config
         length = int(positions.max()) + 1
@@ -283,7 +289,7 @@ class Decoder:
             return out.view(n, 1, c.num_heads, c.head_dim)
 
         h = self._run(tokens[:, None], positions[:, None], attend)
-        return self._logits(h[rows, 0])
+        return self._final_norm(h[:, 0])
 
     # ---- shared body -----------------------------------------------------------------------------
 
@@ -330,10 +336,20 @@ class Decoder:
             x = x + h
         return x
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(h, self.final_norm, self.config.rms_norm_eps, self.config.is_gemma)
-        logits = linear(h, self.lm_head, out=self.logits_out[: h.shape[0]])
+    def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.final_norm, self.config.rms_norm_eps, self.config.is_gemma)
+
+    # ---- output layer ----------------------------------------------------------------------------
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits `[rows, vocab]` of final hidden states `[rows, hidden]`, valid until the next call."""
+        logits = linear(hidden, self.lm_head, out=self.logits_out[: hidden.shape[0]])
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits.div_(cap).tanh_().mul_(cap)
         return logits
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`logits(hidden).argmax(-1)`: the greedy token of each row."""
+        tokens = self.screen.argmax(hidden) if self.screen is not None else None
+        return tokens if tokens is not None else sampling.argmax(self.logits(hidden))

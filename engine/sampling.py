@@ -26,7 +26,7 @@ class Choice:
     top_logprobs: list[tuple[int, float]] | None
 
 
-def _block_size(vocab: int) -> int:
+def block_size(vocab: int) -> int:
     """Tokens per block for the two-level scans below: 512 when the vocabulary divides into them (262k does),
     else its largest power-of-two divisor up to 512; 0 when that is under 64, too small to gain."""
     block = math.gcd(vocab, 512)
@@ -40,7 +40,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     each row's first block holding its maximum, leaving argmax only that block to scan.
     """
     rows, vocab = logits.shape
-    block = _block_size(vocab)
+    block = block_size(vocab)
     if not block:
         return logits.argmax(-1)
     blocks = logits.reshape(rows, vocab // block, block)
@@ -62,7 +62,7 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperatures: torch.Ten
     if temperatures is not None:
         weights.div_(temperatures[:, None])
     weights.exp_()  # -inf (masked) -> 0
-    block = _block_size(vocab) or vocab  # a single block: one cumulative sum over the row
+    block = block_size(vocab) or vocab  # a single block: one cumulative sum over the row
     blocks = weights.view(rows, vocab // block, block)
     ends = blocks.sum(-1).to(torch.float64).cumsum(-1)  # cumulative mass at each block's end
     targets = uniforms.to(torch.float64) * ends[:, -1]

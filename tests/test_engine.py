@@ -122,14 +122,14 @@ def test_packed_prefill_matches_one_prompt_at_a_time(arch, checkpoints):
     model.allocate_cache(6, 64)
     prompts = [torch.tensor(prompt(L, seed=L)) for L in (3, 13, 30)]  # 13 and 30 exceed Gemma's window
     with torch.inference_mode():
-        packed = model.prefill([0, 1, 2], prompts).clone()
-        alone = torch.stack([model.prefill([3 + i], [p])[0].clone() for i, p in enumerate(prompts)])
+        packed = model.logits(model.prefill([0, 1, 2], prompts)).clone()
+        alone = torch.stack([model.logits(model.prefill([3 + i], [p]))[0].clone() for i, p in enumerate(prompts)])
         torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
         for k, v in zip(model.k_cache, model.v_cache):
             torch.testing.assert_close(k[:3], k[3:], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v[:3], v[3:], atol=1e-5, rtol=1e-5)
         lengths = torch.tensor([len(p) for p in prompts] * 2)
-        step = model.decode(packed.argmax(-1).repeat(2), lengths, torch.arange(6))
+        step = model.logits(model.decode(packed.argmax(-1).repeat(2), lengths))
         torch.testing.assert_close(step[:3], step[3:], atol=1e-5, rtol=1e-5)
 
 
