@@ -96,7 +96,7 @@ def plain_logits(params: SamplingParams, num_generated: int) -> bool:
     return (
         params.repetition_penalty == 1.0
         and not (params.presence_penalty or params.frequency_penalty or params.logit_bias or params.bad_words)
-        and num_generated >= params.min_tokens
+        and (num_generated >= params.min_tokens or not params.end_ids)  # min_tokens masks only end ids
         and not (params.return_log_probs or params.top_logprobs)
     )
 

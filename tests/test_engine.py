@@ -293,6 +293,14 @@ def test_min_tokens_suppresses_end_id(gemma):
     assert end_id not in out.token_ids[:4] and len(out.token_ids) >= 4
 
 
+def test_min_tokens_without_end_ids_keeps_the_batched_greedy_path():
+    # What benchmark clients send (aiperf: ignore_eos with min_tokens): nothing for min_tokens to mask, so the
+    # rows stay on the batched greedy path (the vocabulary screen) instead of the per-row one.
+    assert sampling.plain_greedy(greedy(16, min_tokens=16), 0)
+    assert not sampling.plain_greedy(greedy(16, end_ids={1}, min_tokens=16), 0)
+    assert sampling.plain_greedy(greedy(16, end_ids={1}, min_tokens=16), 16)
+
+
 def test_logit_bias_forces_token(gemma):
     out = generate(gemma, prompt(10), SamplingParams(max_new_tokens=8, seed=1, logit_bias={42: 100.0}))
     assert out.token_ids == [42] * 8
