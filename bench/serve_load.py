@@ -7,9 +7,9 @@ Without --url it starts the service on the default model (`python -m launcher` o
 sends a prompt of exactly --input-tokens token ids to /v1/completions with `ignore_eos`, asks for
 --output-tokens tokens, and streams. Reported per concurrency: time to first token p50/p99, inter-token
 latency p50, output tokens/s and requests/s. Baselines in the same run: the CPU engine driven in-process on
-the same load (what the adapter and Triton add), non-streamed requests at concurrency 16 (what streaming
-costs, next to the streamed c=16 row), and transformers' continuous batching (`generate_batch`) on the same
-checkpoint.
+the same load (what the adapter and Triton add, at concurrency 1 and 16) and non-streamed requests at
+concurrency 16 (what streaming costs), each run in turn with the stack's streamed run three times and reported
+as each side's median run; and transformers' continuous batching (`generate_batch`) on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import platform
 import statistics
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from bench.sse import sse_chunks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NON_STREAM_CONCURRENCY = 16
+BASELINE_LEVELS = [1, NON_STREAM_CONCURRENCY]
+BASELINE_PASSES = 3
 
 
 @dataclass
@@ -97,40 +100,69 @@ async def run_level(url: str, model: str, prompt: list[int], concurrency: int, o
     return summarize([t for per_worker in results for t in per_worker], wall)
 
 
-def in_process_engine(model_dir: Path, prompt: list[int], concurrency: int, output_tokens: int, rounds: int) -> dict:
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["output_tok_s"])[len(runs) // 2]
+
+
+def alternating_baselines(url: str, model: str, model_dir: Path, prompt: list[int], levels: list[int],
+                          output_tokens: int, rounds: int) -> dict:
+    """At each level, the stack streaming, the stack not streaming (at NON_STREAM_CONCURRENCY) and the engine
+    in-process, one after another, BASELINE_PASSES times; each side's median run. On this shared 2-core
+    machine one run can be 15% off either way from noise alone, so single runs in sequence compare noise."""
+    runs: dict[str, list[dict]] = {}
+    with in_process_engine(model_dir, max(levels), len(prompt) + output_tokens + 16) as engine:
+        in_process_load(engine, prompt, 2, 8, 1)  # warm-up, as the stack had
+        for _ in range(BASELINE_PASSES):
+            for n in levels:
+                sides = {f"stream c={n}": lambda: run_level(url, model, prompt, n, output_tokens, True, rounds)}
+                if n == NON_STREAM_CONCURRENCY:
+                    sides[f"non-stream c={n}"] = lambda: run_level(url, model, prompt, n, output_tokens, False, rounds)
+                for name, run in sides.items():
+                    runs.setdefault(name, []).append(asyncio.run(run()))
+                runs.setdefault(f"in-process engine c={n}", []).append(
+                    in_process_load(engine, prompt, n, output_tokens, rounds))
+    return {f"{name}, median of {BASELINE_PASSES}": median_run(results) for name, results in runs.items()}
+
+
+def in_process_engine(model_dir: Path, max_batch_size: int, max_seq_len: int):
+    from engine import Engine
+
+    return Engine(model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+
+def in_process_load(engine, prompt: list[int], concurrency: int, output_tokens: int, rounds: int) -> dict:
     """The same load on the CPU engine with no Triton and no HTTP: the floor the stack is compared with."""
-    from engine import Engine, SamplingParams
+    from engine import SamplingParams
 
     timings: list[RequestTiming] = []
     lock = threading.Lock()
-    with Engine(model_dir, max_batch_size=max(concurrency, 1)) as engine:
-        def worker(index: int) -> None:
-            for r in range(rounds):
-                done, state = threading.Event(), {}
-                start = time.perf_counter()
 
-                def on_output(output):
-                    now = time.perf_counter()
-                    if output.token_ids:
-                        state.setdefault("first", now)
-                    if output.finished:
-                        state["end"], state["tokens"] = now, output.num_output_tokens
-                        done.set()
+    def worker(index: int) -> None:
+        for r in range(rounds):
+            done, state = threading.Event(), {}
+            start = time.perf_counter()
 
-                params = SamplingParams(max_new_tokens=output_tokens, temperature=0.0, streaming=True)
-                engine.submit(f"bench-{index}-{r}", prompt, params, on_output)
-                done.wait()
-                with lock:
-                    timings.append(RequestTiming(state["first"] - start, state["end"] - start, state["tokens"]))
+            def on_output(output):
+                now = time.perf_counter()
+                if output.token_ids:
+                    state.setdefault("first", now)
+                if output.finished:
+                    state["end"], state["tokens"] = now, output.num_output_tokens
+                    done.set()
 
-        start = time.perf_counter()
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - start
-    return summarize(timings, wall)
+            params = SamplingParams(max_new_tokens=output_tokens, temperature=0.0, streaming=True)
+            engine.submit(f"bench-{index}-{r}-{uuid.uuid4().hex}", prompt, params, on_output)
+            done.wait()
+            with lock:
+                timings.append(RequestTiming(state["first"] - start, state["end"] - start, state["tokens"]))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return summarize(timings, time.perf_counter() - start)
 
 
 def transformers_continuous_batching(model_dir: Path, prompt: list[int], concurrency: int, output_tokens: int) -> dict:
@@ -217,14 +249,12 @@ def main() -> None:
             rows[f"stream c={n}"] = asyncio.run(run_level(url, model, prompt, n, args.output_tokens, True, args.rounds))
             print(n, rows[f"stream c={n}"], flush=True)
         if not args.skip_baselines:
-            rows[f"non-stream c={NON_STREAM_CONCURRENCY}"] = asyncio.run(
-                run_level(url, model, prompt, NON_STREAM_CONCURRENCY, args.output_tokens, False, args.rounds))
+            rows.update(alternating_baselines(url, model, model_dir, prompt, BASELINE_LEVELS, args.output_tokens,
+                                              args.rounds))
     finally:
         if stack:
             stop_stack(stack)
     if not args.skip_baselines:
-        for n in sorted({1, 16} & set(args.concurrency)):
-            rows[f"in-process engine c={n}"] = in_process_engine(model_dir, prompt, n, args.output_tokens, args.rounds)
         rows["transformers generate_batch c=16"] = transformers_continuous_batching(
             model_dir, prompt, 16, args.output_tokens)
 
