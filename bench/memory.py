@@ -24,23 +24,6 @@ from bench.serve_load import bench_cache, exact_prompt, write_results
 OUTPUT_TOKENS = 8
 
 
-def descendants(root: int) -> list[int]:
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        found.append(pid)
-        frontier.extend(child for child, parent in parents.items() if parent == pid)
-    return found
-
-
 def peak_rss_mib(pid: int) -> tuple[str, float]:
     """(command line, VmHWM in MiB) of a live process."""
     name = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
@@ -78,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from build.default_model import ensure_default_model
-    from launcher.stack_process import start_stack, stop_stack
+    from launcher.stack_process import descendants, start_stack, stop_stack
 
     model_dir = ensure_default_model().resolve()
     prompt = exact_prompt(model_dir, args.context - OUTPUT_TOKENS)
@@ -87,11 +70,12 @@ def main() -> None:
     try:
         url = stack.openai_base_url
         model = httpx.get(f"{url}/models").json()["data"][0]["id"]
-        idle = {pid: peak_rss_mib(pid) for pid in descendants(stack.process.pid)}
+        service = {stack.process.pid} | descendants(stack.process.pid)
+        idle = {pid: peak_rss_mib(pid) for pid in service}
         start = time.perf_counter()
         asyncio.run(fill(url, model, prompt, args.concurrency))
         seconds = time.perf_counter() - start
-        full = {pid: peak_rss_mib(pid) for pid in descendants(stack.process.pid)}
+        full = {pid: peak_rss_mib(pid) for pid in service}
     finally:
         stop_stack(stack)
 

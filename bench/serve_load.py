@@ -109,25 +109,20 @@ def alternating_baselines(url: str, model: str, model_dir: Path, prompt: list[in
     """At each level, the stack streaming, the stack not streaming (at NON_STREAM_CONCURRENCY) and the engine
     in-process, one after another, BASELINE_PASSES times; each side's median run. On this shared 2-core
     machine one run can be 15% off either way from noise alone, so single runs in sequence compare noise."""
+    from engine import Engine
+
     runs: dict[str, list[dict]] = {}
-    with in_process_engine(model_dir, max(levels), len(prompt) + output_tokens + 16) as engine:
+    context = load_context(len(prompt), output_tokens)
+    with Engine(model_dir, max_batch_size=max(levels), max_seq_len=context) as engine:
         in_process_load(engine, prompt, 2, 8, 1)  # warm-up, as the stack had
         for _ in range(BASELINE_PASSES):
             for n in levels:
-                sides = {f"stream c={n}": lambda: run_level(url, model, prompt, n, output_tokens, True, rounds)}
-                if n == NON_STREAM_CONCURRENCY:
-                    sides[f"non-stream c={n}"] = lambda: run_level(url, model, prompt, n, output_tokens, False, rounds)
-                for name, run in sides.items():
-                    runs.setdefault(name, []).append(asyncio.run(run()))
+                for stream in (True, False) if n == NON_STREAM_CONCURRENCY else (True,):
+                    run = run_level(url, model, prompt, n, output_tokens, stream, rounds)
+                    runs.setdefault(f"{'stream' if stream else 'non-stream'} c={n}", []).append(asyncio.run(run))
                 runs.setdefault(f"in-process engine c={n}", []).append(
                     in_process_load(engine, prompt, n, output_tokens, rounds))
     return {f"{name}, median of {BASELINE_PASSES}": median_run(results) for name, results in runs.items()}
-
-
-def in_process_engine(model_dir: Path, max_batch_size: int, max_seq_len: int):
-    from engine import Engine
-
-    return Engine(model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
 
 
 def in_process_load(engine, prompt: list[int], concurrency: int, output_tokens: int, rounds: int) -> dict:
@@ -190,7 +185,12 @@ def start_load_stack(model_dir: Path, work: Path, concurrency: int, input_tokens
 
     return start_stack(model_dir, work, ENGINE_MAX_BATCH_SIZE=str(concurrency),
                        ENGINE_MAX_QUEUE_SIZE=str(4 * concurrency),
-                       NIM_MAX_MODEL_LEN=str(input_tokens + output_tokens + 16))
+                       NIM_MAX_MODEL_LEN=str(load_context(input_tokens, output_tokens)))
+
+
+def load_context(input_tokens: int, output_tokens: int) -> int:
+    """Context length (the engine's max_seq_len) for this load: prompt and completion, plus a little room."""
+    return input_tokens + output_tokens + 16
 
 
 def metric_cells(r: dict) -> str:

@@ -300,7 +300,9 @@ class Engine:
         if greedy:
             tokens.update(zip(greedy, self.model.greedy(hidden[greedy]).tolist()))
         logits = self.model.logits(hidden[others]) if others else None
-        drawn = [j for j, i in enumerate(others) if sampling.plain_sampling(requests[i].params, len(requests[i].generated))]
+        drawn = [
+            j for j, i in enumerate(others) if sampling.plain_sampling(requests[i].params, len(requests[i].generated))
+        ]
         if drawn:
             params = [requests[others[j]].params for j in drawn]
             temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype)

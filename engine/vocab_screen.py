@@ -37,9 +37,12 @@ _MAX_CANDIDATES = 1 << 16
 _BUILD_ROWS = 16384
 
 
+_ENGINES = ("x86", "fbgemm")  # torch's quantized engines that run fbgemm's kernels on x86, preferred first
+
+
 def available() -> bool:
     return hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32") and any(
-        engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm")
+        engine in torch.backends.quantized.supported_engines for engine in _ENGINES
     )
 
 
@@ -67,8 +70,8 @@ class VocabScreen:
         self.quantized_norm = quantized_norm  # |~w_j|_2
         with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm's kernels are not yet
             warnings.simplefilter("ignore")
-            if "x86" in torch.backends.quantized.supported_engines:
-                torch.backends.quantized.engine = "x86"
+            supported = torch.backends.quantized.supported_engines
+            torch.backends.quantized.engine = next(engine for engine in _ENGINES if engine in supported)
             per_row = torch._make_per_channel_quantized_tensor(
                 quantized, step.double(), torch.zeros(vocab, dtype=torch.long), 0
             )
@@ -86,23 +89,29 @@ class VocabScreen:
         scores = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, _STEP, _ZERO_POINT, self.packed)
         # The exact logit of each row's best-scored token is a lower bound on the row's maximum.
         anchor = sampling.argmax(scores)
-        floor = (self.weight.index_select(0, anchor) * h).sum(1) / peak - _ABS_SLACK
+        floor = self._exact_logits(anchor, h) / peak - _ABS_SLACK
         # Scores become upper bounds, in place (the step's largest tensor is not copied).
         scores.addr_(torch.linalg.vector_norm(x, 1, dim=1) * _SLACK, self.half_step)
         scores.addr_(torch.linalg.vector_norm(x_error, dim=1) * _SLACK, self.quantized_norm)
         # Tokens whose bound reaches the floor, found block by block: few blocks hold any.
         # (index_select: advanced indexing gathers rows several times slower.)
+        blocks_per_row = scores.shape[1] // self.block
         blocks = scores.view(-1, self.block)  # [rows * blocks per row, block]
         hits = (blocks.amax(-1).view(rows, -1) >= floor[:, None]).view(-1).nonzero()[:, 0]
-        hit_rows = hits // (scores.shape[1] // self.block)
+        hit_rows = hits // blocks_per_row
         in_hit, offset = (blocks.index_select(0, hits) >= floor[hit_rows, None]).nonzero(as_tuple=True)
         cand_rows = hit_rows[in_hit]
-        cand_tokens = (hits[in_hit] - cand_rows * (scores.shape[1] // self.block)) * self.block + offset
+        cand_tokens = (hits[in_hit] % blocks_per_row) * self.block + offset
         if cand_tokens.numel() > _MAX_CANDIDATES:
             return None
-        logits = (self.weight.index_select(0, cand_tokens) * h.index_select(0, cand_rows)).sum(1)
+        logits = self._exact_logits(cand_tokens, h.index_select(0, cand_rows))
         best = torch.full((rows,), float("-inf")).scatter_reduce_(0, cand_rows, logits, "amax")
         winners = logits == best[cand_rows]
         vocab = self.weight.shape[0]
         tokens = torch.full((rows,), vocab).scatter_reduce_(0, cand_rows[winners], cand_tokens[winners], "amin")
         return None if bool((tokens == vocab).any()) else tokens
+
+    def _exact_logits(self, tokens: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logit of `tokens[i]` for row `h[i]`. The floor and the candidates must come from this one
+        computation: the anchor is itself a candidate, and its logit must reach the floor it set."""
+        return (self.weight.index_select(0, tokens) * h).sum(1)

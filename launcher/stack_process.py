@@ -74,3 +74,20 @@ def start_stack(model_dir: Path, work_dir: Path, timeout_s: float = 300.0, **ext
 
 def stop_stack(stack: Stack) -> None:
     stop_process(stack.process, timeout_s=30)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, theirs, ...), from /proc's parent ids."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found

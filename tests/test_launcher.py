@@ -12,23 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from launcher.stack_process import start_stack, stop_stack
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
+from launcher.stack_process import descendants, start_stack, stop_stack
 
 
 def alive(pids: set[int]) -> set[int]:
