@@ -5,6 +5,7 @@ one API request into engine sequences (`n`, `best_of`, batched prompts) whose an
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import time
@@ -40,7 +41,7 @@ class ServedModel:
     vocab_size: int | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
-    @property
+    @functools.cached_property  # read by every streamed chunk
     def system_fingerprint(self) -> str:
         return "fp_" + hashlib.sha256(f"{self.name}:{self.root}".encode()).hexdigest()[:10]
 

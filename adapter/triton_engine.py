@@ -92,6 +92,15 @@ def ensemble_inputs(prompt: str | list[int], params: GenerationParams) -> Tensor
     return tensors
 
 
+_OUTPUTS = ("text_output", "output_token_ids", "finish_reason", "stop_reason", "num_input_tokens", "num_output_tokens")
+_LOG_PROB_OUTPUTS = ("cum_log_probs", "output_log_probs", "top_logprob_ids", "top_logprob_values")
+
+
+def ensemble_outputs(params: GenerationParams) -> tuple[str, ...]:
+    """The `ensemble` outputs a request reads: Triton serializes each one into every streamed response."""
+    return _OUTPUTS + _LOG_PROB_OUTPUTS if params.return_log_probs else _OUTPUTS
+
+
 def stop_request_inputs() -> Tensors:
     """The minimal `tensorrt_llm` request that cancels the running request of the same id."""
     return {
@@ -102,9 +111,14 @@ def stop_request_inputs() -> Tensors:
     }
 
 
-def infer_request(model_name: str, request_id: str, tensors: Tensors) -> service_pb2.ModelInferRequest:
-    """A KServe v2 request with raw tensor contents and Triton's empty-final-response flag."""
+def infer_request(
+    model_name: str, request_id: str, tensors: Tensors, outputs: tuple[str, ...] = ()
+) -> service_pb2.ModelInferRequest:
+    """A KServe v2 request with raw tensor contents and Triton's empty-final-response flag, asking for `outputs`
+    (all of the model's outputs when empty)."""
     request = service_pb2.ModelInferRequest(model_name=model_name, id=request_id)
+    for name in outputs:
+        request.outputs.add().name = name
     for name, array in tensors.items():
         tensor = request.inputs.add()
         tensor.name = name
@@ -275,7 +289,9 @@ class TritonEngine:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: GenerationParams
     ) -> AsyncIterator[EngineChunk]:
-        request = infer_request(self.model_name, request_id, ensemble_inputs(prompt, params))
+        request = infer_request(
+            self.model_name, request_id, ensemble_inputs(prompt, params), ensemble_outputs(params)
+        )
         finished = False
         call, done = self._open_stream(request)
         # The call is read by a task of its own: when the consumer of this generator is cancelled (a client

@@ -85,10 +85,30 @@ def stop_reason_text(reason) -> str:
 
 
 def response_tensors(request: EngineRequest, output: GenerationOutput) -> Tensors:
-    """One response in TensorRT-LLM's shapes: [batch, beam, tokens] ids, plus our extension tensors."""
+    """One response in TensorRT-LLM's shapes: [batch, beam, tokens] ids, plus our extension tensors.
+
+    Log-probability tensors come only when the request asked for them, and the finish and stop reasons only
+    on the last response: every tensor is copied at each hop (engine, Triton, postprocessing, gRPC), once per
+    streamed token."""
     token_ids = list(output.token_ids)
     if output.finished and not request.params.streaming and not request.exclude_input_in_output:
         token_ids = request.prompt_ids + token_ids  # TensorRT-LLM's default for non-streamed output
+    tensors = {
+        "output_ids": np.array([[token_ids]], dtype=np.int32),
+        "sequence_length": np.array([[len(token_ids)]], dtype=np.int32),
+        "num_input_tokens": int_tensor(output.num_input_tokens),
+        "num_output_tokens": int_tensor(output.num_output_tokens),
+        "request_context": string_tensor(request.context_json),
+    }
+    if request.params.return_log_probs:
+        tensors.update(log_prob_tensors(output))
+    if output.finished:
+        tensors["finish_reason"] = string_tensor(output.finish_reason or "")
+        tensors["stop_reason"] = string_tensor(stop_reason_text(output.stop_reason))
+    return tensors
+
+
+def log_prob_tensors(output: GenerationOutput) -> Tensors:
     log_probs = list(output.log_probs or [])
     top = output.top_logprobs or []
     width = max((len(row) for row in top), default=0)
@@ -98,15 +118,8 @@ def response_tensors(request: EngineRequest, output: GenerationOutput) -> Tensor
         for j, (token, value) in enumerate(row):
             top_ids[i, j], top_values[i, j] = token, value
     return {
-        "output_ids": np.array([[token_ids]], dtype=np.int32),
-        "sequence_length": np.array([[len(token_ids)]], dtype=np.int32),
         "cum_log_probs": np.array([[output.cum_log_prob or 0.0]], dtype=np.float32),
         "output_log_probs": np.array([[log_probs]], dtype=np.float32).reshape(1, 1, len(log_probs)),
         "top_logprob_ids": top_ids[None],
         "top_logprob_values": top_values[None],
-        "finish_reason": string_tensor((output.finish_reason or "") if output.finished else ""),
-        "stop_reason": string_tensor(stop_reason_text(output.stop_reason) if output.finished else ""),
-        "num_input_tokens": int_tensor(output.num_input_tokens),
-        "num_output_tokens": int_tensor(output.num_output_tokens),
-        "request_context": string_tensor(request.context_json),
     }

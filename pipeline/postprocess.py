@@ -17,6 +17,13 @@ from pipeline.tensors import Tensors, int_tensor, scalar, string_tensor
 from tokenization.postprocess import StreamDecoder
 from tokenization.tokenizer import Tokenizer
 
+_LOG_PROB_OUTPUTS = (
+    ("CUM_LOG_PROBS", "OUT_CUM_LOG_PROBS"),
+    ("OUTPUT_LOG_PROBS", "OUT_OUTPUT_LOG_PROBS"),
+    ("TOP_LOGPROB_IDS", "OUT_TOP_LOGPROB_IDS"),
+    ("TOP_LOGPROB_VALUES", "OUT_TOP_LOGPROB_VALUES"),
+)
+
 # A request whose final response never came (its client vanished mid-way) is forgotten after this long.
 STALE_AFTER_S = 600.0
 
@@ -71,19 +78,17 @@ class Postprocessor:
         outputs = {
             "OUTPUT": np.array([[step.text.encode("utf-8")]], dtype=np.object_),
             "OUT_TOKEN_IDS": np.array([token_ids], dtype=np.int32),
-            "OUT_FINISH_REASON": string_tensor(finish_reason),
-            "OUT_STOP_REASON": string_tensor(stop_reason),
             "OUT_NUM_INPUT_TOKENS": int_tensor(scalar(inputs, "NUM_INPUT_TOKENS", 0)),
             "OUT_NUM_OUTPUT_TOKENS": int_tensor(scalar(inputs, "NUM_OUTPUT_TOKENS", 0)),
         }
-        for source, target, dtype, shape in (
-            ("CUM_LOG_PROBS", "OUT_CUM_LOG_PROBS", np.float32, (1, 1)),
-            ("OUTPUT_LOG_PROBS", "OUT_OUTPUT_LOG_PROBS", np.float32, (1, 1, 0)),
-            ("TOP_LOGPROB_IDS", "OUT_TOP_LOGPROB_IDS", np.int32, (1, 0, 0)),
-            ("TOP_LOGPROB_VALUES", "OUT_TOP_LOGPROB_VALUES", np.float32, (1, 0, 0)),
-        ):
-            value = inputs.get(source)
-            outputs[target] = value if value is not None else np.zeros(shape, dtype=dtype)
+        # Only what the engine sent on (log probabilities when asked for, reasons on the last response): each
+        # tensor is copied again by Triton and sent over gRPC with every streamed token.
+        if finish_reason:
+            outputs["OUT_FINISH_REASON"] = string_tensor(finish_reason)
+            outputs["OUT_STOP_REASON"] = string_tensor(stop_reason)
+        for source, target in _LOG_PROB_OUTPUTS:
+            if source in inputs:
+                outputs[target] = inputs[source]
         return outputs
 
     @staticmethod

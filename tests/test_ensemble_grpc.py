@@ -24,6 +24,20 @@ def test_stream_equals_non_stream(tiny_stack, prompt):
         assert not any("\ufffd" in chunk for chunk in streamed.chunks)
 
 
+@pytest.mark.parametrize("log_probs", [False, True])
+def test_streamed_responses_carry_only_what_they_need(tiny_stack, log_probs):
+    # Every tensor is copied at each hop of each streamed token: reasons come on the last response only, log
+    # probabilities only when asked for.
+    result = generate(tiny_stack.grpc_url, PROMPTS[0], 8, stream=True, return_log_probs=log_probs)
+    assert result.error is None and result.finish_reason == "length"
+    *middle, last = [names for names in result.output_names if "text_output" in names]
+    assert middle and not any(names & {"finish_reason", "stop_reason"} for names in middle)
+    assert {"finish_reason", "stop_reason"} <= last
+    log_prob_outputs = {"cum_log_probs", "output_log_probs", "top_logprob_ids", "top_logprob_values"}
+    for names in [*middle, last]:
+        assert (log_prob_outputs <= names) if log_probs else not (log_prob_outputs & names)
+
+
 def test_text_matches_tokenizer_decode(tiny_stack):
     from tokenization.tokenizer import Tokenizer
 

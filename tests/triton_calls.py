@@ -51,6 +51,7 @@ class Result:
     num_output_tokens: int = 0
     error: str | None = None
     responses: int = 0
+    output_names: list[set[str]] = field(default_factory=list)  # of each response
 
     @property
     def text(self) -> str:
@@ -76,11 +77,13 @@ class TritonStream:
                 return result
             result.responses += 1
             outputs = {o.name for o in response.get_response().outputs}
+            result.output_names.append(outputs)
             if "text_output" in outputs:
                 result.chunks.append(response.as_numpy("text_output").reshape(-1)[0].decode("utf-8"))
                 result.token_ids += response.as_numpy("output_token_ids").reshape(-1).tolist()
-                result.finish_reason = response.as_numpy("finish_reason").reshape(-1)[0].decode() or result.finish_reason
-                result.stop_reason = response.as_numpy("stop_reason").reshape(-1)[0].decode() or result.stop_reason
+                if "finish_reason" in outputs:  # only on the last response
+                    result.finish_reason = response.as_numpy("finish_reason").reshape(-1)[0].decode()
+                    result.stop_reason = response.as_numpy("stop_reason").reshape(-1)[0].decode()
                 result.num_input_tokens = int(response.as_numpy("num_input_tokens").reshape(-1)[0])
                 result.num_output_tokens = int(response.as_numpy("num_output_tokens").reshape(-1)[0])
             final = response.get_response().parameters["triton_final_response"].bool_param
