@@ -179,13 +179,14 @@ def bench_cache(name: str) -> Path:
     return Path(os.environ.get("NIM_CACHE_PATH", Path(__file__).resolve().parent.parent / ".cache")) / name
 
 
-def start_load_stack(model_dir: Path, work: Path, concurrency: int, input_tokens: int, output_tokens: int):
+def start_load_stack(model_dir: Path, work: Path, concurrency: int, input_tokens: int, output_tokens: int,
+                     **extra_env: str):
     """The service on free ports, sized for `concurrency` sequences of input + output tokens."""
     from launcher.stack_process import start_stack
 
     return start_stack(model_dir, work, ENGINE_MAX_BATCH_SIZE=str(concurrency),
                        ENGINE_MAX_QUEUE_SIZE=str(4 * concurrency),
-                       NIM_MAX_MODEL_LEN=str(load_context(input_tokens, output_tokens)))
+                       NIM_MAX_MODEL_LEN=str(load_context(input_tokens, output_tokens)), **extra_env)
 
 
 def load_context(input_tokens: int, output_tokens: int) -> int:

@@ -1,0 +1,66 @@
+"""What streaming each token through the stack costs the engine: the same load on stacks that differ only in
+the engine's `stream_interval`, run in turn.
+
+    .venv/bin/python -m bench.stream_traffic [--concurrency 16] [--intervals 1 2 200] [--passes 3]
+
+One stack per interval is started (on free ports), then each pass runs the load (128 in / 128 out tokens,
+`ignore_eos`, greedy, streamed) on every stack in turn; each stack is reported by its median pass. With an
+interval above the output length a request's tokens cross Triton, postprocessing, the adapter and the client
+twice (the first token, then the rest), so that run is the engine's speed inside the stack with next to no
+per-token traffic. Not part of `make bench`: it is the diagnosis behind the README's "at 16 streams" paragraph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+
+from bench.serve_load import (bench_cache, exact_prompt, median_run, metric_cells, run_level, start_load_stack,
+                              write_results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 200])
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--input-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    from build.default_model import ensure_default_model
+    from launcher.stack_process import stop_stack
+
+    model_dir = ensure_default_model().resolve()
+    prompt = exact_prompt(model_dir, args.input_tokens)
+    stacks, runs = {}, {}
+    try:
+        for interval in args.intervals:
+            stacks[interval] = start_load_stack(
+                model_dir, bench_cache(f"bench-traffic-{interval}"), args.concurrency, args.input_tokens,
+                args.output_tokens, ENGINE_STREAM_INTERVAL=str(interval))
+            asyncio.run(run_level(stacks[interval].openai_base_url, stacks[interval].model_name, prompt, 2, 8,
+                                  True, 1))  # warm-up
+        for _ in range(args.passes):
+            for interval, stack in stacks.items():
+                run = asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompt, args.concurrency,
+                                            args.output_tokens, True, 1))
+                runs.setdefault(interval, []).append(run)
+                print(f"stream_interval {interval}: {run['output_tok_s']:.1f} tok/s", flush=True)
+    finally:
+        for stack in stacks.values():
+            stop_stack(stack)
+
+    rows = {f"stream c={args.concurrency}, engine stream_interval {i}, median of {args.passes}": median_run(r)
+            for i, r in runs.items()}
+    lines = [f"# {platform.machine()}, {os.cpu_count()} cores, model {model_dir.name}, "
+             f"{args.input_tokens} in / {args.output_tokens} out tokens, ignore_eos", "",
+             "| run | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | output tok/s | req/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {metric_cells(r)} |" for name, r in rows.items()]
+    write_results("stream_traffic", lines, rows)
+
+
+if __name__ == "__main__":
+    main()
