@@ -201,6 +201,14 @@ def metric_cells(r: dict) -> str:
             f"{r['output_tok_s']:.1f} | {r['requests_s']:.2f}")
 
 
+def runs_table(model_dir: Path, input_tokens: int, output_tokens: int, rows: dict) -> list[str]:
+    """Markdown lines: the machine and load, then one row per named run."""
+    return [f"# {platform.machine()}, {os.cpu_count()} cores, model {model_dir.name}, "
+            f"{input_tokens} in / {output_tokens} out tokens, ignore_eos", "",
+            "| run | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | output tok/s | req/s |", "|---|---|---|---|---|---|",
+            *(f"| {name} | {metric_cells(r)} |" for name, r in rows.items())]
+
+
 def write_results(name: str, lines: list[str], rows: dict) -> None:
     """Prints the markdown table and writes it to bench/results/<name>.md, the rows to <name>.json."""
     table = "\n".join(lines)
@@ -259,12 +267,7 @@ def main() -> None:
         rows["transformers generate_batch c=16"] = transformers_continuous_batching(
             model_dir, prompt, 16, args.output_tokens)
 
-    header = (f"{platform.machine()}, {os.cpu_count()} cores, model {model_dir.name}, "
-              f"{args.input_tokens} in / {args.output_tokens} out tokens, ignore_eos")
-    lines = [f"# {header}", "",
-             "| run | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | output tok/s | req/s |", "|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {metric_cells(r)} |")
+    lines = runs_table(model_dir, args.input_tokens, args.output_tokens, rows)
     # Without its baselines a run is not the README's table: it must not overwrite it.
     write_results("serve_load-partial" if args.skip_baselines else "serve_load", lines, rows)
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 
-from bench.serve_load import (bench_cache, exact_prompt, median_run, metric_cells, run_level, start_load_stack,
+from bench.serve_load import (bench_cache, exact_prompt, median_run, run_level, runs_table, start_load_stack,
                               write_results)
 
 
@@ -38,11 +36,10 @@ def main() -> None:
     stacks, runs = {}, {}
     try:
         for interval in args.intervals:
-            stacks[interval] = start_load_stack(
-                model_dir, bench_cache(f"bench-traffic-{interval}"), args.concurrency, args.input_tokens,
-                args.output_tokens, ENGINE_STREAM_INTERVAL=str(interval))
-            asyncio.run(run_level(stacks[interval].openai_base_url, stacks[interval].model_name, prompt, 2, 8,
-                                  True, 1))  # warm-up
+            stack = start_load_stack(model_dir, bench_cache(f"bench-traffic-{interval}"), args.concurrency,
+                                     args.input_tokens, args.output_tokens, ENGINE_STREAM_INTERVAL=str(interval))
+            stacks[interval] = stack
+            asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompt, 2, 8, True, 1))  # warm-up
         for _ in range(args.passes):
             for interval, stack in stacks.items():
                 run = asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompt, args.concurrency,
@@ -55,10 +52,7 @@ def main() -> None:
 
     rows = {f"stream c={args.concurrency}, engine stream_interval {i}, median of {args.passes}": median_run(r)
             for i, r in runs.items()}
-    lines = [f"# {platform.machine()}, {os.cpu_count()} cores, model {model_dir.name}, "
-             f"{args.input_tokens} in / {args.output_tokens} out tokens, ignore_eos", "",
-             "| run | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | output tok/s | req/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {metric_cells(r)} |" for name, r in rows.items()]
+    lines = runs_table(model_dir, args.input_tokens, args.output_tokens, rows)
     write_results("stream_traffic", lines, rows)
 
 

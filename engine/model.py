@@ -74,8 +74,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # MKL's sgemm takes slow paths on AMD CPUs (28 GFLOP/s for 16 rows against the 262k-token vocabulary), so
 # fp32 products go through oneDNN. For 2 to 32 rows, oneDNN computing the transposed product w @ x.T (the weight
 # as its source, the rows as its small "weights" operand) is up to 1.7x faster again; for one row its usual
-# orientation is faster (a single stream's decode step ~12%). Without AVX-512 oneDNN has no bf16 inner product: other
-# dtypes keep F.linear.
+# orientation is faster (a single stream's decode step by ~12%). Without AVX-512 oneDNN has no bf16 inner
+# product: other dtypes keep F.linear.
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _FEW_ROWS = 32
 # Output features per transposed call: each [chunk, rows] result is transposed while it is still in cache.
