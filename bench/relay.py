@@ -1,11 +1,11 @@
 """How many tokens/s the serving stack itself delivers: the SYNTHETIC engine (bench/synthetic_engine.py,
 tokens instantly, no model) behind Triton, postprocessing and the adapter, with streaming OpenAI clients.
 
-    .venv/bin/python -m bench.relay [--clients 32] [--tokens 512] [--stream-interval 1 4 16]
+    .venv/bin/python -m bench.relay [--clients 32] [--tokens 512] [--stream-interval 1 0 16]
 
-For each engine stream interval (tokens per Triton response) it starts the service, checks that the streamed
-text equals the non-streamed text, then runs --clients concurrent streaming completions and reports
-delivered tokens/s and SSE events/s.
+For each engine stream interval (engine steps between streamed responses; 0 is auto, the default) it starts
+the service, checks that the streamed text equals the non-streamed text, then runs --clients concurrent
+streaming completions and reports delivered tokens/s and SSE events/s.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--stream-interval", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--stream-interval", type=int, nargs="+", default=[1, 0, 16])
     args = parser.parse_args()
 
     from build.default_model import ensure_default_model
@@ -80,7 +80,7 @@ def main() -> None:
         print(interval, rows[interval], flush=True)
     lines = [f"# SYNTHETIC engine, {platform.machine()}, {os.cpu_count()} cores, {args.clients} streaming clients x "
              f"{args.tokens} tokens", "", "| engine stream_interval | delivered tokens/s | SSE events/s |", "|---|---|---|"]
-    lines += [f"| {k} | {r['tokens_s']:.0f} | {r['sse_events_s']:.0f} |" for k, r in rows.items()]
+    lines += [f"| {k or 'auto'} | {r['tokens_s']:.0f} | {r['sse_events_s']:.0f} |" for k, r in rows.items()]
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "relay.md").write_text("\n".join(lines) + "\n")

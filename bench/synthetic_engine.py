@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from engine import GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams
+from engine import GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams, stream_due
 
 
 class _Request:
@@ -21,8 +21,11 @@ class _Request:
 
 
 class SyntheticEngine:
-    def __init__(self, max_batch_size: int = 64, max_seq_len: int = 4096, max_queue_size: int = 256):
+    def __init__(self, max_batch_size: int = 64, max_seq_len: int = 4096, max_queue_size: int = 256,
+                 stream_interval: int = 0):
         self.max_batch_size, self.max_seq_len, self.max_queue_size = max_batch_size, max_seq_len, max_queue_size
+        self.stream_interval = stream_interval
+        self._step = 0
         self._cv = threading.Condition()
         self._live: dict[str, _Request] = {}
         self._cancels: set[str] = set()
@@ -76,7 +79,9 @@ class SyntheticEngine:
                     request.pending.append(request.prompt[request.generated % len(request.prompt)])
                     request.generated += 1
                 finished = cancelled or request.generated >= request.params.max_new_tokens
-                if request.params.streaming or finished:
+                streamed = request.params.streaming and stream_due(self._step, request.generated, self.stream_interval,
+                                                                   len(batch))
+                if streamed or finished:
                     request.on_output(GenerationOutput(
                         request_id=request.id,
                         token_ids=request.pending,
@@ -89,3 +94,4 @@ class SyntheticEngine:
                 if finished:
                     with self._cv:
                         del self._live[request.id]
+            self._step += 1

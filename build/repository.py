@@ -27,7 +27,7 @@ class RepositorySettings:
     max_queue_size: int = 64  # requests waiting for a slot before the engine answers "full"
     dtype: str = "float32"
     num_threads: int = 0  # 0: torch's default
-    stream_interval: int = 1  # tokens per streamed response (TensorRT-LLM's stream_interval)
+    stream_interval: int = 0  # engine steps between streamed responses (TensorRT-LLM's); 0: auto on cpu, 1 on gpu
     engine_kind: str = "cpu"  # "synthetic": no model, tokens instantly; for benchmarking the stack only
     engine_dir: Path | None = None  # gpu: the built TensorRT-LLM engine
     triton_max_batch_size: int = 64
@@ -56,7 +56,7 @@ class RepositorySettings:
                 "kv_cache_free_gpu_mem_fraction": "0.9",
                 "exclude_input_in_output": "true",
                 "enable_chunked_context": "true",
-                "stream_interval": str(self.stream_interval),
+                "stream_interval": str(self.stream_interval or 1),  # TensorRT-LLM has no auto
             }
         raise ValueError(f"unknown target {self.target!r}: use 'cpu' or 'gpu'")
 

@@ -6,7 +6,7 @@ batching on a background thread: `submit()` a prompt with `SamplingParams` and a
 `GenerationOutput`s; `engine.generate.generate()` is a blocking helper.
 """
 
-from .engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError
+from .engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError, stream_due
 from .params import SamplingParams
 
-__all__ = ["Engine", "GenerationOutput", "PromptTooLongError", "QueueFullError", "SamplingParams"]
+__all__ = ["Engine", "GenerationOutput", "PromptTooLongError", "QueueFullError", "SamplingParams", "stream_due"]

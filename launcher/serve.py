@@ -43,7 +43,7 @@ class LaunchSettings(BaseSettings):
     engine_max_queue_size: int = 64
     engine_dtype: str = "float32"
     engine_num_threads: int = 0
-    engine_stream_interval: int = 1
+    engine_stream_interval: int = 0  # 0: auto (engine.engine.AUTO_STREAMS_PER_STEP)
     engine_kind: str = "cpu"  # "synthetic" only for benchmarking the serving stack
     triton_ready_timeout_s: float = 600.0
 

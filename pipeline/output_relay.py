@@ -3,9 +3,8 @@
 The engine thread only queues an output (cheap) and goes on computing; this thread turns outputs into
 Triton responses. Whatever piled up for a request while the previous responses were being sent goes out as
 one response, so a fast engine (or a slow consumer) gets fewer, larger responses and the same tokens,
-while a relay that keeps up still sends every step's token at once. `min_tokens` is a floor on tokens per
-streamed response after the first, TensorRT-LLM's `stream_interval`; the first token always goes at once
-so that the time to first token does not depend on it.
+while a relay that keeps up sends each output as the engine hands it over. How often the engine hands
+outputs over is its `stream_interval` (`engine.stream_due`).
 """
 
 from __future__ import annotations
@@ -24,13 +23,11 @@ Target = TypeVar("Target")  # where a request's responses go, hashed by identity
 
 
 class OutputRelay(Generic[Target]):
-    def __init__(self, send: Callable[[Target, GenerationOutput], None], min_tokens: int = 1):
+    def __init__(self, send: Callable[[Target, GenerationOutput], None]):
         """`send(target, output)` delivers one (possibly merged) output; it runs on the relay's thread."""
         self._send = send
-        self._min_tokens = max(1, min_tokens)
         self._cv = threading.Condition()
         self._queued: list[tuple[Target, GenerationOutput]] = []
-        self._held: dict[Target, list[GenerationOutput]] = {}  # outputs below min_tokens, by target
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="output-relay", daemon=True)
         self._thread.start()
@@ -55,22 +52,17 @@ class OutputRelay(Generic[Target]):
                 batch, self._queued = self._queued, []
                 if not batch and self._closed:
                     return
-            for target, outputs in self._by_target(batch):
+            for target, outputs in _by_target(batch):
                 merged = merge_outputs(outputs)
-                first = merged.num_output_tokens == len(merged.token_ids)
-                if not (merged.finished or first) and len(merged.token_ids) < self._min_tokens:
-                    self._held[target] = [merged]
-                    continue
                 try:
                     self._send(target, merged)
                 except Exception:  # one broken stream must not stop the others
                     log.exception("sending a response for request %s failed", merged.request_id)
 
-    def _by_target(self, batch: list[tuple[Target, GenerationOutput]]):
-        """Each target's held and newly queued outputs, in order, targets in order of first appearance."""
-        grouped: dict[Target, list[GenerationOutput]] = {}
-        for target, output in batch:
-            if target not in grouped:
-                grouped[target] = self._held.pop(target, [])
-            grouped[target].append(output)
-        return grouped.items()
+
+def _by_target(batch: list[tuple[Target, GenerationOutput]]):
+    """Each target's queued outputs, in order, targets in order of first appearance."""
+    grouped: dict[Target, list[GenerationOutput]] = {}
+    for target, output in batch:
+        grouped.setdefault(target, []).append(output)
+    return grouped.items()

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams
+from engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams, stream_due
 from engine import sampling
 from engine.config import FULL, SLIDING, ModelConfig
 from engine.model import Decoder
@@ -31,7 +31,9 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines(checkpoints):
-    started = {arch: Engine(path, max_batch_size=8, max_seq_len=128) for arch, path in checkpoints.items()}
+    # stream_interval 1: every step's token is seen (auto coalesces beyond 4 running streams)
+    started = {arch: Engine(path, max_batch_size=8, max_seq_len=128, stream_interval=1)
+               for arch, path in checkpoints.items()}
     yield started
     for e in started.values():
         e.close()
@@ -462,6 +464,47 @@ def test_gemma3_legacy_config_fields():
     assert cfg.rope[FULL].theta == 1e6 and cfg.rope[FULL].factor == 8.0
     assert cfg.rope[SLIDING].theta == 1e4 and cfg.rope[SLIDING].rope_type == "default"
     assert cfg.attn_scale == 0.25 and cfg.tie_word_embeddings
+
+
+def test_stream_interval_sends_every_stream_at_the_same_steps(checkpoints, gemma):
+    """After its first token, a stream's tokens go out only at engine steps that are multiples of the interval,
+    counted for all requests at once (a stream that joins later is sent at the same steps), and the tokens
+    are those of an unbatched stream."""
+    interval, sent = 4, {"early": [], "late": []}
+    jobs = {"early": (prompt(5, seed=1), greedy(23)), "late": (prompt(9, seed=2), greedy(17))}
+    engine = Engine(checkpoints["gemma3"], max_batch_size=2, max_seq_len=64, stream_interval=interval)
+    done = threading.Semaphore(0)
+
+    def on_output(out: GenerationOutput):  # on the engine thread, so `steps` is the step that sends it
+        sent[out.request_id].append((engine.stats()["steps"], out))
+        if out.request_id == "early" and out.num_output_tokens == 2:
+            engine.submit("late", *jobs["late"], on_output)  # joins one step later, off the interval's beat
+        if out.finished:
+            done.release()
+
+    try:
+        engine.submit("early", *jobs["early"], on_output)
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.close()
+    for rid, outputs in sent.items():
+        (_, first), *middle, (_, last) = outputs
+        assert len(first.token_ids) == 1 and last.finished
+        assert middle and all(step % interval == 0 for step, _ in middle)
+        assert all(len(out.token_ids) == interval for _, out in middle[1:])
+        expected = generate(gemma, jobs[rid][0], jobs[rid][1]).token_ids
+        assert [t for _, out in outputs for t in out.token_ids] == expected
+
+
+def test_auto_stream_interval_is_one_step_per_four_running_streams():
+    def due_steps(running: int) -> list[int]:
+        return [step for step in range(8) if stream_due(step, 2, 0, running)]
+
+    assert due_steps(1) == due_steps(4) == list(range(8))  # few streams: every token at once
+    assert due_steps(5) == due_steps(8) == [0, 2, 4, 6]
+    assert due_steps(16) == [0, 4]
+    assert stream_due(3, 1, 0, 16)  # the first token never waits
+    assert due_steps(16) != [step for step in range(8) if stream_due(step, 2, 1, 16)]  # an explicit interval wins
 
 
 def test_running_streams_advance_between_the_prefills_of_a_burst(gemma):

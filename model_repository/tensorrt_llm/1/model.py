@@ -40,7 +40,8 @@ class TritonPythonModel:
         if p["engine_kind"] == "synthetic":
             from bench.synthetic_engine import SyntheticEngine  # benchmarks only: no model behind it
 
-            self.engine = SyntheticEngine(int(p["max_batch_size"]), int(p["max_seq_len"]), int(p["max_queue_size"]))
+            self.engine = SyntheticEngine(int(p["max_batch_size"]), int(p["max_seq_len"]), int(p["max_queue_size"]),
+                                          int(p["stream_interval"]))
         else:
             self.engine = Engine(
                 p["model_dir"],
@@ -49,9 +50,10 @@ class TritonPythonModel:
                 max_queue_size=int(p["max_queue_size"]),
                 dtype=getattr(torch, p["dtype"]),
                 num_threads=int(p["num_threads"]) or None,
+                stream_interval=int(p["stream_interval"]),
             )
         # Responses are built and sent off the engine thread, coalesced while sending lags.
-        self.relay = OutputRelay(self._send, min_tokens=int(p["stream_interval"]))
+        self.relay = OutputRelay(self._send)
         self.closed = threading.Event()
         threading.Thread(target=self._publish_stats, name="engine-stats", daemon=True).start()
 
