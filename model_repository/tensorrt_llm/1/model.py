@@ -65,6 +65,7 @@ class TritonPythonModel:
             for key, (name, text) in GAUGES.items()
         }
         gauges = {key: family.Metric(labels=labels) for key, family in families.items()}
+        published = {}
         server = os.getppid()
         while not self.closed.wait(0.2):
             if os.getppid() != server:
@@ -72,9 +73,13 @@ class TritonPythonModel:
                 # engine's threads, so leave now rather than linger as an orphan.
                 os._exit(1)
             stats = self.engine.stats()
+            # Only changes cross to tritonserver: each set() is a message that wakes it on the cores the engine
+            # computes on.
             try:
                 for key, gauge in gauges.items():
-                    gauge.set(stats[key])
+                    if published.get(key) != stats[key]:
+                        gauge.set(stats[key])
+                        published[key] = stats[key]
             except Exception:  # the server is shutting down: keep watching for its death
                 continue
 
