@@ -144,6 +144,7 @@ class Engine:
         self._num_threads = num_threads
         self.stream_interval = stream_interval
         self._step = 0  # rounds of the loop so far: the clock of stream_interval
+        self._streams = 0  # streaming requests running in this round: what the auto interval is set by
         model.allocate_cache(max_batch_size, self.max_seq_len)
         _release_openmp_workers()
 
@@ -252,6 +253,8 @@ class Engine:
                     if request is not None:
                         self._finish(request, "cancelled")
                 self._prefilling.extend(self._admit())
+                # Counted once per round, so that every stream of the round gets the same interval.
+                self._streams = sum(r.params.streaming for r in self._running.values())
                 group = self._next_prefill_group()
                 if group:
                     self._prefill(group)
@@ -384,7 +387,7 @@ class Engine:
         reason, stop_reason = self._finish_reason(request)
         if reason is not None:
             self._finish(request, reason, stop_reason=stop_reason)
-        elif p.streaming and stream_due(self._step, len(request.generated), self.stream_interval, len(self._running)):
+        elif p.streaming and stream_due(self._step, len(request.generated), self.stream_interval, self._streams):
             self._deliver(request, finished=False)
 
     def _finish_reason(self, request: _Request):

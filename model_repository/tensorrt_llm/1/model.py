@@ -7,7 +7,7 @@ the same id, as with TensorRT-LLM's backend.
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -110,7 +110,11 @@ class TritonPythonModel:
             return
         flags = FINAL if output.finished else 0
         if output.finish_reason == "error":
-            stream.sender.send(error_response(output.error or "engine error", pb_utils.TritonError.INTERNAL), flags=flags)
+            if output.token_ids:  # tokens produced before the error (held by stream_interval) still go out
+                tokens = replace(output, finished=False, finish_reason=None, error=None)
+                stream.sender.send(response(engine_io.response_tensors(stream.request, tokens)))
+            error = error_response(output.error or "engine error", pb_utils.TritonError.INTERNAL)
+            stream.sender.send(error, flags=flags)
         else:
             stream.sender.send(response(engine_io.response_tensors(stream.request, output)), flags=flags)
 
