@@ -125,10 +125,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, out:
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-def _band(n: int, window: int) -> torch.Tensor:
-    """Sliding-window causal mask `[n, n]`: each position sees itself and the window - 1 before it."""
-    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    return (k <= q) & (k > q - window)
+def _sliding_causal(queries: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
+    """Which key positions each query position sees under a sliding window: itself and the window - 1 before
+    it. `queries [rows, 1]` and `keys [1, length]` broadcast to the mask."""
+    return (keys <= queries) & (keys > queries - window)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
@@ -174,9 +174,6 @@ class Decoder:
             parts = [opt(n) for n in names]
             return None if any(p is None for p in parts) else torch.cat(parts).contiguous()
 
-        def packed(weight):
-            return prepack(weight if isinstance(weight, torch.Tensor) else cat(weight))
-
         self.embed = w("model.embed_tokens.weight")
         self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
         # HF multiplies by sqrt(hidden) cast to the embedding dtype (bf16 rounds it)
@@ -190,17 +187,17 @@ class Decoder:
                 Layer(
                     sliding=c.layer_types[i] == SLIDING and c.sliding_window is not None,
                     input_norm=norm(p + "input_layernorm.weight"),
-                    qkv_w=packed([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]),
+                    qkv_w=prepack(cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])),
                     qkv_b=cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]),
-                    o_w=packed(w(a + "o_proj.weight")),
+                    o_w=prepack(w(a + "o_proj.weight")),
                     o_b=opt(a + "o_proj.bias"),
                     qk_norm=qk_norm(a) if c.is_gemma else None,
                     post_attn_norm=norm(p + "post_attention_layernorm.weight"),
                     pre_ff_norm=norm(p + "pre_feedforward_layernorm.weight") if c.is_gemma else None,
                     post_ff_norm=norm(p + "post_feedforward_layernorm.weight") if c.is_gemma else None,
-                    gate_up_w=packed([m + "gate_proj.weight", m + "up_proj.weight"]),
+                    gate_up_w=prepack(cat([m + "gate_proj.weight", m + "up_proj.weight"])),
                     gate_up_b=cat([m + "gate_proj.bias", m + "up_proj.bias"]),
-                    down_w=packed(w(m + "down_proj.weight")),
+                    down_w=prepack(w(m + "down_proj.weight")),
                     down_b=opt(m + "down_proj.bias"),
                 )
             )
@@ -254,7 +251,11 @@ class Decoder:
         # sequence with a block-diagonal mask, which computed every prompt against every other (a 4 x 128-token
         # prefill: 1100 -> 996 ms). Sliding layers need a band only where a prompt outgrows the window.
         window = c.sliding_window
-        bands = {n: _band(n, window) for n in {int(n) for n in lengths} if window and n > window}
+        bands = {
+            n: _sliding_causal(torch.arange(n)[:, None], torch.arange(n)[None, :], window)
+            for n in {int(n) for n in lengths}
+            if window and n > window
+        }
         slot_of = torch.tensor(slots)[seg]
         flat_rows = self._cache_rows(slot_of, pos)
 
@@ -293,7 +294,7 @@ class Decoder:
         if c.sliding_window:
             # Keys older than every row's window are skipped entirely.
             lo = max(0, int(positions.min()) - c.sliding_window + 1)
-            band = causal & (keys > positions[:, None] - c.sliding_window)
+            band = _sliding_causal(positions[:, None], keys, c.sliding_window)
             masks[True] = (lo, band[:, None, None, lo:])
         groups = c.num_heads // c.num_kv_heads
         flat_rows = self._cache_rows(torch.arange(n), positions)
