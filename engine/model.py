@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import sampling, vocab_screen
+from . import int8_weights, sampling, vocab_screen
 from .config import FULL, SLIDING, ModelConfig, RopeConfig
 
 _ACTIVATIONS = {
@@ -107,7 +107,11 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, out:
     """`F.linear(x, w, b)` for `x [..., K]` and `w` plain or from `prepack`; written to `out` (`[rows, N]`)
     when given."""
     rows = x.reshape(-1, x.shape[-1])
-    if w.is_mkldnn:
+    if isinstance(w, int8_weights.Int8Linear):
+        y = w(rows, out)
+        if b is not None:
+            y += b
+    elif w.is_mkldnn:
         y = torch.ops.mkldnn._linear_pointwise(rows, w, b, "none", [], "")
     elif not (_ONEDNN and w.dtype == torch.float32):
         y = F.linear(rows, w, b)
@@ -122,7 +126,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, out:
             y += b
     if out is not None and y is not out:
         y = out.copy_(y)
-    return y.view(*x.shape[:-1], w.shape[0])
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _sliding_causal(queries: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
@@ -146,8 +150,14 @@ class Decoder:
     """Weights plus a KV cache of `[slots, kv_heads, max_seq_len, head_dim]` per layer, written in place."""
 
     def __init__(
-        self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.float32, screen_vocab: bool = True
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype=torch.float32,
+        screen_vocab: bool = True,
+        int8: dict[str, tuple] | None = None,
     ):
+        """`int8`: `int8_weights.load`'s block-quantized forms of fp32 `weights`, used in their place."""
         self.config = config
         self.dtype = dtype
         c = config
@@ -174,6 +184,11 @@ class Decoder:
             parts = [opt(n) for n in names]
             return None if any(p is None for p in parts) else torch.cat(parts).contiguous()
 
+        def body(names):  # a projection's weight (fused when several names): int8 where the checkpoint has it
+            if int8 and dtype == torch.float32 and all(n in int8 for n in names):
+                return int8_weights.Int8Linear.concat([int8[n] for n in names])
+            return prepack(cat(names))
+
         self.embed = w("model.embed_tokens.weight")
         self.lm_head = self.embed if c.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
         # HF multiplies by sqrt(hidden) cast to the embedding dtype (bf16 rounds it)
@@ -187,17 +202,17 @@ class Decoder:
                 Layer(
                     sliding=c.layer_types[i] == SLIDING and c.sliding_window is not None,
                     input_norm=norm(p + "input_layernorm.weight"),
-                    qkv_w=prepack(cat([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])),
+                    qkv_w=body([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]),
                     qkv_b=cat([a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"]),
-                    o_w=prepack(w(a + "o_proj.weight")),
+                    o_w=body([a + "o_proj.weight"]),
                     o_b=opt(a + "o_proj.bias"),
                     qk_norm=qk_norm(a) if c.is_gemma else None,
                     post_attn_norm=norm(p + "post_attention_layernorm.weight"),
                     pre_ff_norm=norm(p + "pre_feedforward_layernorm.weight") if c.is_gemma else None,
                     post_ff_norm=norm(p + "post_feedforward_layernorm.weight") if c.is_gemma else None,
-                    gate_up_w=prepack(cat([m + "gate_proj.weight", m + "up_proj.weight"])),
+                    gate_up_w=body([m + "gate_proj.weight", m + "up_proj.weight"]),
                     gate_up_b=cat([m + "gate_proj.bias", m + "up_proj.bias"]),
-                    down_w=prepack(w(m + "down_proj.weight")),
+                    down_w=body([m + "down_proj.weight"]),
                     down_b=opt(m + "down_proj.bias"),
                 )
             )
@@ -221,7 +236,7 @@ class Decoder:
         weights = {}
         for f in files:
             weights.update(load_file(f))
-        return cls(ModelConfig.from_dir(checkpoint_dir), weights, dtype, screen_vocab)
+        return cls(ModelConfig.from_dir(checkpoint_dir), weights, dtype, screen_vocab, int8_weights.load(checkpoint_dir))
 
     def allocate_cache(self, slots: int, max_seq_len: int) -> None:
         c = self.config

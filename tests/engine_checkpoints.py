@@ -58,15 +58,55 @@ def _build(arch: str, vocab_size: int, overrides: dict):
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
-def make_tiny_checkpoint(arch: str, path: Path, vocab_size: int = 1024, seed: int = 0, **overrides) -> Path:
+def _block_quantize(weight: torch.Tensor, group: int, asymmetric: bool):
+    """`(q, scale, offset)` of `weight` in GGUF's style: per group of inputs, half-precision scale (and minimum)."""
+    n, k = weight.shape
+    blocks = weight.reshape(n, k // group, group)
+    if asymmetric:  # 4 bits above a minimum, like Q4_K
+        offset = blocks.amin(-1).half().float()
+        scale = ((blocks.amax(-1) - offset) / 15).half().float().clamp(min=1e-4)
+        q = ((blocks - offset[..., None]) / scale[..., None]).round().clamp(0, 15)
+    else:  # 6 bits around zero, like Q6_K
+        offset = None
+        scale = (blocks.abs().amax(-1) / 31).half().float().clamp(min=1e-4)
+        q = (blocks / scale[..., None]).round().clamp(-32, 31)
+    return q.reshape(n, k).to(torch.int8), scale, offset
+
+
+def _save_int8_forms(model, path: Path) -> None:
+    """Replace each projection's weight by a block-quantized one and write its int8 form beside the checkpoint,
+    so that transformers and the engine's int8 kernel compute with the same weights. The groups differ per
+    projection (v: 16, o: with minima), so fused weights mix them."""
+    from build.gguf_int8 import rebuild
+    from engine import int8_weights
+
+    forms = {}
+    for i, layer in enumerate(model.model.layers):
+        for prefix, module in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for proj_name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                proj = getattr(module, proj_name, None)
+                if proj is None:
+                    continue
+                form = _block_quantize(proj.weight.data, 16 if proj_name == "v_proj" else 32, proj_name == "o_proj")
+                with torch.no_grad():
+                    proj.weight.copy_(rebuild(*form))
+                forms[f"model.layers.{i}.{prefix}.{proj_name}.weight"] = form
+    int8_weights.save(path, forms)
+
+
+def make_tiny_checkpoint(
+    arch: str, path: Path, vocab_size: int = 1024, seed: int = 0, int8: bool = False, **overrides
+) -> Path:
     """Save a random-weight `arch` model ("gemma3", "llama" or "qwen2") to `path` and return it.
 
-    The folder holds only config.json, generation_config.json and model.safetensors (no tokenizer).
-    `overrides` are passed to the transformers config class.
+    The folder holds only config.json, generation_config.json and model.safetensors (no tokenizer); with
+    `int8`, block-quantized projections and their int8 form too. `overrides` go to the transformers config.
     """
     path = Path(path)
     torch.manual_seed(seed)
     model = _build(arch, vocab_size, overrides)
+    if int8:
+        _save_int8_forms(model, path)
     if arch == "qwen2":
         # HF initialises biases to zero; random biases exercise the engine's bias path.
         with torch.no_grad():

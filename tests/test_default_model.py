@@ -62,6 +62,7 @@ def test_folder_layout(model_dir: Path) -> None:
     assert EXPECTED_FILES <= {p.name for p in model_dir.iterdir()}
     assert json.loads((model_dir / MARKER_FILE).read_text())["format_version"] == FORMAT_VERSION
     assert not list(model_dir.glob("*.gguf")) and not (model_dir / "_gguf").exists()
+    assert (model_dir / "int8" / "weights.safetensors").exists()  # equal to the float32 weights: checked when built
     # No half-finished temp folders beside it.
     assert not list(model_dir.parent.glob(f".{model_dir.name}.tmp-*"))
 

@@ -1,5 +1,6 @@
 """Engine tests on tiny random-weight checkpoints, with transformers as the reference."""
 
+import contextlib
 import threading
 import time
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams, stream_due
-from engine import sampling
+from engine import int8_weights, sampling
 from engine.config import FULL, SLIDING, ModelConfig
 from engine.model import Decoder
 from engine.generate import generate
@@ -30,13 +31,32 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def engines(checkpoints):
+def int8_checkpoints(tmp_path_factory):
+    """Block-quantized projections with their int8 form: the engine runs them through the int8 kernel."""
+    root = tmp_path_factory.mktemp("engine_ckpt_int8")
+    return {arch: make_tiny_checkpoint(arch, root / arch, vocab_size=VOCAB, int8=True) for arch in ARCHITECTURES}
+
+
+@contextlib.contextmanager
+def running_engines(checkpoints):
     # stream_interval 1: every step's token is seen (auto coalesces beyond 4 running streams)
     started = {arch: Engine(path, max_batch_size=8, max_seq_len=128, stream_interval=1)
                for arch, path in checkpoints.items()}
     yield started
     for e in started.values():
         e.close()
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoints):
+    with running_engines(checkpoints) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def int8_engines(int8_checkpoints):
+    with running_engines(int8_checkpoints) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
@@ -81,8 +101,13 @@ def merge(outs: list[GenerationOutput]) -> GenerationOutput:
 # ---- correctness against transformers -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_matches_transformers(arch, checkpoints, engines):
+def test_greedy_matches_transformers(arch, weights, request):
+    checkpoints = request.getfixturevalue("int8_checkpoints" if weights == "int8" else "checkpoints")
+    engines = request.getfixturevalue("int8_engines" if weights == "int8" else "engines")
+    if weights == "int8":  # the comparison must not pass on the fp32 path by accident
+        assert isinstance(engines[arch].model.layers[0].qkv_w, int8_weights.Int8Linear)
     model = hf_model(checkpoints[arch])
     n = 24
     jobs = [(f"{arch}-{L}", prompt(L, seed=L), greedy(n, end_ids={EOS})) for L in PROMPT_LENGTHS]

@@ -1,0 +1,101 @@
+// y[M, N] = x[M, K] @ W.T in fp32, for a weight stored as int8 with a scale and an offset per group of G
+// inputs: W[n, k] = fma(q[n, k], a[n, k / G], b[n, k / G]), rebuilt exactly in fp32 (GGUF's block formats
+// dequantize to exactly this value, see engine/int8_weights.py).
+//
+// Layout (int8_weights.pack): q [N / 16][K][16] int8, a and b [N / 16][K / G][16] fp32. Each block of 16
+// outputs is rebuilt in fp32, KC inputs at a time, into a buffer that stays in L1, then multiplied by up
+// to 6 rows of x at a time: the classic 6 x 16 AVX2 micro-kernel (12 accumulators). The rebuild is paid
+// once per block whatever the number of rows, so 1-16 rows read a quarter of the fp32 weight's bytes.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define NB 16
+#define MR 6
+#define KC 256
+
+static inline __attribute__((always_inline)) void tile(int mt, const float *xt, const float *w, int kc,
+                                                       float *y, int n_out, int first) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+#define LOAD(r)                                                       \
+    if (mt > r && !first) {                                           \
+        a##r = _mm256_loadu_ps(y + (size_t)r * n_out);                \
+        b##r = _mm256_loadu_ps(y + (size_t)r * n_out + 8);            \
+    }
+    LOAD(0) LOAD(1) LOAD(2) LOAD(3) LOAD(4) LOAD(5)
+    for (int k = 0; k < kc; k++) {
+        const __m256 w0 = _mm256_load_ps(w + k * NB), w1 = _mm256_load_ps(w + k * NB + 8);
+        const float *xk = xt + k * mt;
+#define STEP(r)                                                       \
+        if (mt > r) {                                                 \
+            const __m256 xv = _mm256_broadcast_ss(xk + r);            \
+            a##r = _mm256_fmadd_ps(xv, w0, a##r);                     \
+            b##r = _mm256_fmadd_ps(xv, w1, b##r);                     \
+        }
+        STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5)
+    }
+#define STORE(r)                                                      \
+    if (mt > r) {                                                     \
+        _mm256_storeu_ps(y + (size_t)r * n_out, a##r);                \
+        _mm256_storeu_ps(y + (size_t)r * n_out + 8, b##r);            \
+    }
+    STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+}
+
+static void tile_rows(int mt, const float *xt, const float *w, int kc, float *y, int n_out, int first) {
+    // mt as a constant in each call: the accumulators then live in registers
+    switch (mt) {
+        case 1: tile(1, xt, w, kc, y, n_out, first); break;
+        case 2: tile(2, xt, w, kc, y, n_out, first); break;
+        case 3: tile(3, xt, w, kc, y, n_out, first); break;
+        case 4: tile(4, xt, w, kc, y, n_out, first); break;
+        case 5: tile(5, xt, w, kc, y, n_out, first); break;
+        default: tile(6, xt, w, kc, y, n_out, first); break;
+    }
+}
+
+static inline __m256 widen(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int8_t *q, const float *a,
+                const float *b, float *y) {
+    if (n_out % NB || k_in % group || m < 1) return 1;
+    // x per tile of MR rows as [K][rows]: one step's broadcasts share a cache line
+    float *xt = (float *)aligned_alloc(64, sizeof(float) * (((size_t)m * k_in + 15) / 16 * 16));
+    if (!xt) return 2;
+    const int groups = k_in / group;
+#pragma omp parallel
+    {
+        float w[KC * NB] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int k = 0; k < k_in; k++)
+            for (int m0 = 0; m0 < m; m0 += MR) {
+                const int mt = m - m0 < MR ? m - m0 : MR;
+                for (int r = 0; r < mt; r++) xt[(size_t)m0 * k_in + (size_t)k * mt + r] = x[(size_t)(m0 + r) * k_in + k];
+            }
+#pragma omp for schedule(static)
+        for (int nb = 0; nb < n_out / NB; nb++) {
+            const int8_t *qb = q + (size_t)nb * k_in * NB;
+            const float *ab = a + (size_t)nb * groups * NB, *bb = b + (size_t)nb * groups * NB;
+            for (int k0 = 0; k0 < k_in; k0 += KC) {
+                const int kc = k_in - k0 < KC ? k_in - k0 : KC;
+                for (int k = 0; k < kc; k++) {
+                    const int8_t *qk = qb + (size_t)(k0 + k) * NB;
+                    const float *ag = ab + (k0 + k) / group * NB, *bg = bb + (k0 + k) / group * NB;
+                    _mm256_store_ps(w + k * NB, _mm256_fmadd_ps(widen(qk), _mm256_loadu_ps(ag), _mm256_loadu_ps(bg)));
+                    _mm256_store_ps(w + k * NB + 8,
+                                    _mm256_fmadd_ps(widen(qk + 8), _mm256_loadu_ps(ag + 8), _mm256_loadu_ps(bg + 8)));
+                }
+                for (int m0 = 0; m0 < m; m0 += MR) {
+                    const int mt = m - m0 < MR ? m - m0 : MR;
+                    tile_rows(mt, xt + (size_t)m0 * k_in + (size_t)k0 * mt, w, kc, y + (size_t)m0 * n_out + nb * NB,
+                              n_out, k0 == 0);
+                }
+            }
+        }
+    }
+    free(xt);
+    return 0;
+}

@@ -1,0 +1,75 @@
+"""The int8 block weights: GGUF decoding against gguf's own dequantization, and the kernel against fp32 matmul."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from build.gguf_int8 import decode, rebuild
+from engine import int8_weights
+from engine.int8_weights import Int8Linear
+
+pytestmark = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="the int8 kernel needs AVX2 and FMA"
+)
+
+
+def block_weight(n, k, group, asymmetric, seed=0):
+    """(q, scale, offset) with half-precision scales, as GGUF stores them."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0 if asymmetric else -32, 16 if asymmetric else 32, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, k // group, generator=g) * 0.02).half().float()
+    offset = -(torch.rand(n, k // group, generator=g) * 0.1).half().float() if asymmetric else None
+    return q, scale, offset
+
+
+def test_the_kernel_is_built_here():
+    assert int8_weights.enabled(), "no C compiler? the engine would fall back to fp32 weights"
+
+
+@pytest.mark.parametrize("group, asymmetric", [(32, False), (16, False), (32, True)])
+def test_the_kernel_rebuilds_each_weight_bit_for_bit(group, asymmetric):
+    # x = identity: every output is one product 1 * w plus exact zeros, so y must equal W.T exactly
+    q, scale, offset = block_weight(48, 96, group, asymmetric)
+    weight = rebuild(q, scale, offset)
+    assert torch.equal(Int8Linear(q, scale, offset)(torch.eye(96)), weight.T)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 300])
+@pytest.mark.parametrize("k_in", [96, 640])  # not multiples of the kernel's 256-input chunks
+def test_the_kernel_matches_fp32_matmul(rows, k_in):
+    q, scale, offset = block_weight(64, k_in, 32, True, seed=rows)
+    x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(1))
+    expected = x.double() @ rebuild(q, scale, offset).double().T
+    torch.testing.assert_close(Int8Linear(q, scale, offset)(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_parts_with_different_groups_equal_the_parts_alone():
+    parts = [block_weight(32, 64, 32, False, seed=1), block_weight(16, 64, 16, False, seed=2),
+             block_weight(16, 64, 32, True, seed=3)]
+    x = torch.randn(3, 64)
+    fused = Int8Linear.concat(parts)(x)
+    alone = torch.cat([Int8Linear(*p)(x) for p in parts], dim=1)
+    torch.testing.assert_close(fused, alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+def test_gguf_blocks_decode_to_gguf_dequantization_bit_for_bit(kind):
+    import gguf
+    from gguf.quants import dequantize
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    values, size = gguf.GGML_QUANT_SIZES[qtype]
+    n_out, k_in = 16, 512
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (n_out * k_in // values, size), dtype=np.uint8)  # every bit pattern of q
+    half = {"Q8_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]  # where the f16 scales sit
+    for at in half:  # finite scales: random bytes could make NaN
+        blocks[:, at : at + 2] = (rng.standard_normal(len(blocks)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    data = blocks.reshape(n_out, -1)
+    tensor = SimpleNamespace(tensor_type=qtype, shape=np.array([k_in, n_out]), data=data)
+    q, scale, offset, _ = decode(tensor)
+    ours = rebuild(torch.from_numpy(q), torch.from_numpy(scale), None if offset is None else torch.from_numpy(offset))
+    theirs = torch.from_numpy(dequantize(data, qtype).reshape(n_out, k_in).astype(np.float32))
+    assert torch.equal(ours, theirs)
