@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FILE = Path("int8") / "weights.safetensors"
 _SOURCE = Path(__file__).parent / "csrc" / "int8_linear.c"
 _ROWS_PER_BLOCK = 16  # output rows per packed block (NB in the kernel)
+_CHUNK = 256  # inputs rebuilt at a time (KC in the kernel): groups must divide it
 _REPO_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 
@@ -78,7 +79,7 @@ class Int8Linear:
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None):
         n, k = q.shape
         groups = scale.shape[1]
-        if q.dtype != torch.int8 or n % _ROWS_PER_BLOCK or k % groups or scale.shape[0] != n:
+        if q.dtype != torch.int8 or n % _ROWS_PER_BLOCK or k % groups or _CHUNK % (k // groups) or scale.shape[0] != n:
             raise ValueError(f"cannot pack an int8 weight {tuple(q.shape)} with scales {tuple(scale.shape)}")
         if offset is None:
             offset = torch.zeros_like(scale)

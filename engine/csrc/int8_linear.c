@@ -2,10 +2,11 @@
 // inputs: W[n, k] = fma(q[n, k], a[n, k / G], b[n, k / G]), rebuilt exactly in fp32 (GGUF's block formats
 // dequantize to exactly this value, see engine/int8_weights.py).
 //
-// Layout (int8_weights.pack): q [N / 16][K][16] int8, a and b [N / 16][K / G][16] fp32. Each block of 16
-// outputs is rebuilt in fp32, KC inputs at a time, into a buffer that stays in L1, then multiplied by up
-// to 6 rows of x at a time: the classic 6 x 16 AVX2 micro-kernel (12 accumulators). The rebuild is paid
-// once per block whatever the number of rows, so 1-16 rows read a quarter of the fp32 weight's bytes.
+// Layout (int8_weights.Int8Linear): q [N / 16][K][16] int8, a and b [N / 16][K / G][16] fp32. Up to 4 rows
+// rebuild each weight in registers and use it at once (`direct`). More rows rebuild each block of 16
+// outputs, KC inputs at a time, into a buffer that stays in L1, then multiply it by up to 6 rows at a time:
+// the classic 6 x 16 AVX2 micro-kernel (`tile`, 12 accumulators); the rebuild is then paid once per block
+// whatever the number of rows. Either way the weights cross from memory as int8: a quarter of the bytes.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 #define NB 16
 #define MR 6
 #define KC 256
+#define DIRECT_ROWS 4
 
 static inline __attribute__((always_inline)) void tile(int mt, const float *xt, const float *w, int kc,
                                                        float *y, int n_out, int first) {
@@ -55,13 +57,40 @@ static void tile_rows(int mt, const float *xt, const float *w, int kc, float *y,
     }
 }
 
-static inline __m256 widen(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+
+// Up to 4 rows: each weight is rebuilt in registers and used at once (no buffer); 8 accumulators, the
+// group's scales and offsets and the two rebuilt vectors fit AVX2's 16 registers.
+static inline __attribute__((always_inline)) void direct(int mt, const float *xt, const int8_t *qb, const float *ab,
+                                                         const float *bb, int k_in, int group, float *y, int n_out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int g0 = 0; g0 < k_in; g0 += group) {
+        const float *ag = ab + g0 / group * NB, *bg = bb + g0 / group * NB;
+        const __m256 s0 = _mm256_loadu_ps(ag), s1 = _mm256_loadu_ps(ag + 8);
+        const __m256 o0 = _mm256_loadu_ps(bg), o1 = _mm256_loadu_ps(bg + 8);
+        for (int k = g0; k < g0 + group; k++) {
+            const __m128i qk = _mm_loadu_si128((const __m128i *)(qb + (size_t)k * NB));
+            const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qk)), s0, o0);
+            const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(qk, qk))), s1, o1);
+            const float *xk = xt + k * mt;
+            STEP(0) STEP(1) STEP(2) STEP(3)
+        }
+    }
+    STORE(0) STORE(1) STORE(2) STORE(3)
+}
+
+static void direct_rows(int mt, const float *xt, const int8_t *qb, const float *ab, const float *bb, int k_in,
+                        int group, float *y, int n_out) {
+    switch (mt) {
+        case 1: direct(1, xt, qb, ab, bb, k_in, group, y, n_out); break;
+        case 2: direct(2, xt, qb, ab, bb, k_in, group, y, n_out); break;
+        case 3: direct(3, xt, qb, ab, bb, k_in, group, y, n_out); break;
+        default: direct(4, xt, qb, ab, bb, k_in, group, y, n_out); break;
+    }
 }
 
 int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int8_t *q, const float *a,
                 const float *b, float *y) {
-    if (n_out % NB || k_in % group || m < 1) return 1;
+    if (n_out % NB || k_in % group || KC % group || m < 1) return 1;
     // x per tile of MR rows as [K][rows]: one step's broadcasts share a cache line
     float *xt = (float *)aligned_alloc(64, sizeof(float) * (((size_t)m * k_in + 15) / 16 * 16));
     if (!xt) return 2;
@@ -79,14 +108,23 @@ int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int
         for (int nb = 0; nb < n_out / NB; nb++) {
             const int8_t *qb = q + (size_t)nb * k_in * NB;
             const float *ab = a + (size_t)nb * groups * NB, *bb = b + (size_t)nb * groups * NB;
+            if (m <= DIRECT_ROWS) {
+                direct_rows(m, xt, qb, ab, bb, k_in, group, y + nb * NB, n_out);
+                continue;
+            }
             for (int k0 = 0; k0 < k_in; k0 += KC) {
                 const int kc = k_in - k0 < KC ? k_in - k0 : KC;
-                for (int k = 0; k < kc; k++) {
-                    const int8_t *qk = qb + (size_t)(k0 + k) * NB;
-                    const float *ag = ab + (k0 + k) / group * NB, *bg = bb + (k0 + k) / group * NB;
-                    _mm256_store_ps(w + k * NB, _mm256_fmadd_ps(widen(qk), _mm256_loadu_ps(ag), _mm256_loadu_ps(bg)));
-                    _mm256_store_ps(w + k * NB + 8,
-                                    _mm256_fmadd_ps(widen(qk + 8), _mm256_loadu_ps(ag + 8), _mm256_loadu_ps(bg + 8)));
+                for (int g0 = 0; g0 < kc; g0 += group) {  // KC is a multiple of every group size
+                    const float *ag = ab + (k0 + g0) / group * NB, *bg = bb + (k0 + g0) / group * NB;
+                    const __m256 a0 = _mm256_loadu_ps(ag), a1 = _mm256_loadu_ps(ag + 8);
+                    const __m256 b0 = _mm256_loadu_ps(bg), b1 = _mm256_loadu_ps(bg + 8);
+                    for (int k = g0; k < g0 + group && k < kc; k++) {
+                        const __m128i qk = _mm_loadu_si128((const __m128i *)(qb + (size_t)(k0 + k) * NB));
+                        const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qk));
+                        const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(qk, qk)));
+                        _mm256_store_ps(w + k * NB, _mm256_fmadd_ps(q0, a0, b0));
+                        _mm256_store_ps(w + k * NB + 8, _mm256_fmadd_ps(q1, a1, b1));
+                    }
                 }
                 for (int m0 = 0; m0 < m; m0 += MR) {
                     const int mt = m - m0 < MR ? m - m0 : MR;
