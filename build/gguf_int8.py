@@ -1,8 +1,9 @@
 """The default model's linear layers as GGUF stores them: small integers with a scale and an offset per block.
 
-Every weight of the model's attention and MLP projections is, in the GGUF, `q * a + b` for an integer `q`
-(5, 8, 4 or 6 bits) and a scale `a` and offset `b` shared by a group of 32 or 16 inputs, and transformers'
-dequantization computes exactly `fma(q, a, b)` in fp32 (one rounding: with an offset, `q * a` is exact).
+Every weight of the model's attention and MLP projections and of its output layer is, in the GGUF,
+`q * a + b` for an integer `q` (5, 8, 4 or 6 bits) and a scale `a` and offset `b` shared by a group of 32 or 16
+inputs, and transformers' dequantization computes exactly `fma(q, a, b)` in fp32 (one rounding: with an
+offset, `q * a` is exact).
 Keeping `q` as int8 with its fp32 `a` and `b` therefore loses nothing against the float32 checkpoint, and
 lets the CPU engine read a quarter of the bytes per decode step (engine/int8_weights.py).
 
@@ -19,7 +20,8 @@ import numpy as np
 
 logger = logging.getLogger("build.gguf_int8")
 
-# GGUF tensor name -> Hugging Face name (per layer)
+# GGUF tensor name -> Hugging Face name: the output layer (the token embedding when tied), then per layer
+_OUTPUT = {"token_embd.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight"}
 _LINEARS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -107,13 +109,16 @@ def write_int8_weights(gguf_path: Path, checkpoint_dir: Path) -> Path:
     with safe_open(str(checkpoint_dir / "model.safetensors"), framework="pt") as checkpoint:
         for tensor in gguf.GGUFReader(str(gguf_path)).tensors:
             parts = tensor.name.split(".")
-            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _LINEARS:
+            if tensor.name in _OUTPUT:
+                name = _OUTPUT[tensor.name]
+            elif len(parts) == 4 and parts[0] == "blk" and parts[2] in _LINEARS:
+                name = f"model.layers.{parts[1]}.{_LINEARS[parts[2]]}.weight"
+            else:
                 continue
             decoded = decode(tensor)
             if decoded is None:
                 logger.info("%s is %s: kept as float32 only", tensor.name, tensor.tensor_type.name)
                 continue
-            name = f"model.layers.{parts[1]}.{_LINEARS[parts[2]]}.weight"
             q, scale, offset, group = decoded
             q, scale = torch.from_numpy(q), torch.from_numpy(scale)
             offset = None if offset is None else torch.from_numpy(offset)
@@ -121,5 +126,6 @@ def write_int8_weights(gguf_path: Path, checkpoint_dir: Path) -> Path:
                 raise RuntimeError(f"{tensor.name} ({tensor.tensor_type.name}) does not rebuild {name} exactly")
             forms[name] = q, scale, offset
     target = int8_weights.save(checkpoint_dir, forms)
-    logger.info("int8 weights: %d projections, %.0f MB, equal to the float32 ones", len(forms), target.stat().st_size / 1e6)
+    megabytes = target.stat().st_size / 1e6
+    logger.info("int8 weights: %d matrices, %.0f MB, equal to the float32 ones", len(forms), megabytes)
     return target

@@ -2,11 +2,11 @@
 
 A weight `W[n, k] = fma(q[n, k], scale[n, k // G], offset[n, k // G])` with int8 `q` (GGUF's Q8_0, Q5_0,
 Q4_K and Q6_K formats, which the default model uses: see build/gguf_int8.py) takes a quarter of the fp32
-bytes. `csrc/int8_linear.c` rebuilds each block of 16 output rows in fp32 in cache and multiplies it there,
-so the result is the fp32 product with the very same weights, summed in another order (as any other BLAS
-would). Decode steps read the weights from memory once per step; on the 2-core test machine the body's
-linears of Gemma 3 270M take 1 / 4 / 16 rows 11 / 17 / 29 ms against 26 / 25 / 40 ms for oneDNN's fp32
-product, and 512 rows the same time.
+bytes. `csrc/int8_linear.c` rebuilds the weights in fp32 in registers or cache and multiplies them there, so
+the result is the fp32 product with the very same weights, summed in another order (as any other BLAS
+would). On the 2-core test machine the default model's body linears take 10 / 12 / 32 ms for 1 / 4 / 16 rows
+(oneDNN's fp32 product: 26 / 25 / 40 ms; 512 rows: the same time), and its 262k-token output layer, which
+sampled rows need whole, 12 / 19 / 52 ms (fp32: 29 / 53 / 68 ms).
 
 A checkpoint carries them in `int8/weights.safetensors`: `<name>.int8`, `<name>.int8_scale` and, for formats
 with a minimum, `<name>.int8_offset`, for a `<name>` of the fp32 checkpoint. The kernel is compiled at first
@@ -49,7 +49,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     # Linked against torch's own OpenMP runtime: one thread pool for ATen and the kernel.
     torch_lib = Path(torch.__file__).parent / "lib"
-    gomp = ["-L", str(torch_lib), "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"] if (torch_lib / "libgomp.so.1").exists() else []
+    gomp = ["-L", str(torch_lib), "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
+    if not (torch_lib / "libgomp.so.1").exists():
+        gomp = []
     command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), *gomp]
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
     for folder in _cache_dirs():
@@ -81,14 +83,24 @@ class Int8Linear:
         groups = scale.shape[1]
         if q.dtype != torch.int8 or n % _ROWS_PER_BLOCK or k % groups or _CHUNK % (k // groups) or scale.shape[0] != n:
             raise ValueError(f"cannot pack an int8 weight {tuple(q.shape)} with scales {tuple(scale.shape)}")
-        if offset is None:
-            offset = torch.zeros_like(scale)
         self.out_features, self.in_features, self.group = n, k, k // groups
         blocks = n // _ROWS_PER_BLOCK
         # [blocks, K, 16]: each kernel step reads 16 outputs' values of one input from one cache line
         self.q = q.view(blocks, _ROWS_PER_BLOCK, k).transpose(1, 2).contiguous()
         self.scale, self.offset = (
-            t.float().view(blocks, _ROWS_PER_BLOCK, groups).transpose(1, 2).contiguous() for t in (scale, offset)
+            None if t is None else t.float().view(blocks, _ROWS_PER_BLOCK, groups).transpose(1, 2).contiguous()
+            for t in (scale, offset)
+        )  # offset None: all zeros (symmetric formats), not stored
+
+    @staticmethod
+    def packable(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> bool:
+        """Whether `concat(parts)` fits the kernel: outputs in blocks of 16, groups that divide its chunks."""
+        k = parts[0][0].shape[1]
+        most = max(scale.shape[1] for _, scale, _ in parts)
+        return sum(q.shape[0] for q, _, _ in parts) % _ROWS_PER_BLOCK == 0 and all(
+            q.shape[1] == k and k % scale.shape[1] == 0 and _CHUNK % (k // scale.shape[1]) == 0
+            and most % scale.shape[1] == 0
+            for q, scale, _ in parts
         )
 
     @classmethod
@@ -102,9 +114,12 @@ class Int8Linear:
             repeat = groups // scale.shape[1]
             q.append(part_q)
             scales.append(scale.repeat_interleave(repeat, 1))
-            offsets.append(torch.zeros_like(scales[-1]) if offset is None else offset.repeat_interleave(repeat, 1))
+            offsets.append(None if offset is None else offset.repeat_interleave(repeat, 1))
             if part_q.shape[1] != k or groups % scale.shape[1]:
                 raise ValueError("parts of a fused weight need the same inputs and nested groups")
+        if all(o is None for o in offsets):
+            return cls(torch.cat(q), torch.cat(scales), None)
+        offsets = [torch.zeros_like(s) if o is None else o for s, o in zip(scales, offsets)]
         return cls(torch.cat(q), torch.cat(scales), torch.cat(offsets))
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,9 +128,10 @@ class Int8Linear:
         if x.shape[0] == 0:
             return torch.empty(0, self.out_features) if out is None else out
         y = torch.empty(x.shape[0], self.out_features) if out is None else out
+        offset = None if self.offset is None else self.offset.data_ptr()
         status = _library().int8_linear(
             x.data_ptr(), x.shape[0], self.in_features, self.out_features, self.group,
-            self.q.data_ptr(), self.scale.data_ptr(), self.offset.data_ptr(), y.data_ptr(),
+            self.q.data_ptr(), self.scale.data_ptr(), offset, y.data_ptr(),
         )
         if status:
             raise RuntimeError(f"int8_linear failed ({status}) for x {tuple(x.shape)}")

@@ -74,13 +74,19 @@ def _block_quantize(weight: torch.Tensor, group: int, asymmetric: bool):
 
 
 def _save_int8_forms(model, path: Path) -> None:
-    """Replace each projection's weight by a block-quantized one and write its int8 form beside the checkpoint,
-    so that transformers and the engine's int8 kernel compute with the same weights. The groups differ per
-    projection (v: 16, o: with minima), so fused weights mix them."""
+    """Replace the output layer's and each projection's weight by block-quantized ones and write their int8
+    form beside the checkpoint, so that transformers and the engine's int8 kernel compute with the same
+    weights. The groups differ per projection (v: 16, o: with minima), so fused weights mix them."""
     from build.gguf_int8 import rebuild
     from engine import int8_weights
 
     forms = {}
+    output = model.get_output_embeddings()  # tied models: the token embedding too
+    form = _block_quantize(output.weight.data, 32, False)
+    with torch.no_grad():
+        output.weight.copy_(rebuild(*form))
+    tied = model.config.tie_word_embeddings
+    forms["model.embed_tokens.weight" if tied else "lm_head.weight"] = form
     for i, layer in enumerate(model.model.layers):
         for prefix, module in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
             for proj_name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):

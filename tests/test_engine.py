@@ -101,13 +101,21 @@ def merge(outs: list[GenerationOutput]) -> GenerationOutput:
 # ---- correctness against transformers -------------------------------------------------------------
 
 
+def checkpoints_and_engines(request, weights: str):
+    """The tiny checkpoints and their engines, plain ("fp32") or with int8 forms run by the int8 kernel."""
+    checkpoints = request.getfixturevalue("int8_checkpoints" if weights == "int8" else "checkpoints")
+    engines = request.getfixturevalue("int8_engines" if weights == "int8" else "engines")
+    if weights == "int8":  # a comparison must not pass on the fp32 path by accident
+        for engine in engines.values():
+            assert isinstance(engine.model.layers[0].qkv_w, int8_weights.Int8Linear)
+            assert isinstance(engine.model.lm_head_int8, int8_weights.Int8Linear)
+    return checkpoints, engines
+
+
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_matches_transformers(arch, weights, request):
-    checkpoints = request.getfixturevalue("int8_checkpoints" if weights == "int8" else "checkpoints")
-    engines = request.getfixturevalue("int8_engines" if weights == "int8" else "engines")
-    if weights == "int8":  # the comparison must not pass on the fp32 path by accident
-        assert isinstance(engines[arch].model.layers[0].qkv_w, int8_weights.Int8Linear)
+    checkpoints, engines = checkpoints_and_engines(request, weights)
     model = hf_model(checkpoints[arch])
     n = 24
     jobs = [(f"{arch}-{L}", prompt(L, seed=L), greedy(n, end_ids={EOS})) for L in PROMPT_LENGTHS]
@@ -118,10 +126,13 @@ def test_greedy_matches_transformers(arch, weights, request):
         assert outputs[rid].token_ids == ref[0, len(ids) :].tolist(), rid
 
 
-def test_log_probs_match_reference(checkpoints, gemma):
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_log_probs_match_reference(weights, request):
+    # log probabilities need the full logits: the int8 output layer on the int8 checkpoint
+    checkpoints, engines = checkpoints_and_engines(request, weights)
     model = hf_model(checkpoints["gemma3"])
     ids = prompt(13, seed=5)
-    out = generate(gemma, ids, greedy(10, return_log_probs=True, top_logprobs=3))
+    out = generate(engines["gemma3"], ids, greedy(10, return_log_probs=True, top_logprobs=3))
     with torch.inference_mode():
         ref = model.generate(
             torch.tensor([ids]), do_sample=False, max_new_tokens=10, eos_token_id=None,

@@ -66,7 +66,8 @@ def test_gguf_blocks_decode_to_gguf_dequantization_bit_for_bit(kind):
     blocks = rng.integers(0, 256, (n_out * k_in // values, size), dtype=np.uint8)  # every bit pattern of q
     half = {"Q8_0": [0], "Q5_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}[kind]  # where the f16 scales sit
     for at in half:  # finite scales: random bytes could make NaN
-        blocks[:, at : at + 2] = (rng.standard_normal(len(blocks)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        scales = (rng.standard_normal(len(blocks)) * 0.01).astype(np.float16)
+        blocks[:, at : at + 2] = scales.view(np.uint8).reshape(-1, 2)
     data = blocks.reshape(n_out, -1)
     tensor = SimpleNamespace(tensor_type=qtype, shape=np.array([k_in, n_out]), data=data)
     q, scale, offset, _ = decode(tensor)

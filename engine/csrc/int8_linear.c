@@ -2,11 +2,11 @@
 // inputs: W[n, k] = fma(q[n, k], a[n, k / G], b[n, k / G]), rebuilt exactly in fp32 (GGUF's block formats
 // dequantize to exactly this value, see engine/int8_weights.py).
 //
-// Layout (int8_weights.Int8Linear): q [N / 16][K][16] int8, a and b [N / 16][K / G][16] fp32. Up to 4 rows
-// rebuild each weight in registers and use it at once (`direct`). More rows rebuild each block of 16
-// outputs, KC inputs at a time, into a buffer that stays in L1, then multiply it by up to 6 rows at a time:
-// the classic 6 x 16 AVX2 micro-kernel (`tile`, 12 accumulators); the rebuild is then paid once per block
-// whatever the number of rows. Either way the weights cross from memory as int8: a quarter of the bytes.
+// Layout (int8_weights.Int8Linear): q [N / 16][K][16] int8, a and b [N / 16][K / G][16] fp32 (b NULL:
+// zeros). Up to 4 rows rebuild each weight in registers and use it at once (`direct`). More rows rebuild
+// each block of 16 outputs, KC inputs at a time, into a buffer that stays in L1, then multiply it by up to
+// 6 rows at a time: the classic 6 x 16 AVX2 micro-kernel (`tile`, 12 accumulators); the rebuild is then
+// paid once per block whatever the number of rows. Either way the weights cross from memory as int8.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -15,6 +15,8 @@
 #define MR 6
 #define KC 256
 #define DIRECT_ROWS 4
+
+static const float ZEROS[NB] = {0};  // the offsets of a weight without any (b == NULL)
 
 static inline __attribute__((always_inline)) void tile(int mt, const float *xt, const float *w, int kc,
                                                        float *y, int n_out, int first) {
@@ -64,13 +66,14 @@ static inline __attribute__((always_inline)) void direct(int mt, const float *xt
                                                          const float *bb, int k_in, int group, float *y, int n_out) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int g0 = 0; g0 < k_in; g0 += group) {
-        const float *ag = ab + g0 / group * NB, *bg = bb + g0 / group * NB;
+        const float *ag = ab + g0 / group * NB, *bg = bb ? bb + g0 / group * NB : ZEROS;
         const __m256 s0 = _mm256_loadu_ps(ag), s1 = _mm256_loadu_ps(ag + 8);
         const __m256 o0 = _mm256_loadu_ps(bg), o1 = _mm256_loadu_ps(bg + 8);
         for (int k = g0; k < g0 + group; k++) {
             const __m128i qk = _mm_loadu_si128((const __m128i *)(qb + (size_t)k * NB));
             const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qk)), s0, o0);
-            const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(qk, qk))), s1, o1);
+            const __m128i high = _mm_unpackhi_epi64(qk, qk);
+            const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high)), s1, o1);
             const float *xk = xt + k * mt;
             STEP(0) STEP(1) STEP(2) STEP(3)
         }
@@ -102,12 +105,13 @@ int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int
         for (int k = 0; k < k_in; k++)
             for (int m0 = 0; m0 < m; m0 += MR) {
                 const int mt = m - m0 < MR ? m - m0 : MR;
-                for (int r = 0; r < mt; r++) xt[(size_t)m0 * k_in + (size_t)k * mt + r] = x[(size_t)(m0 + r) * k_in + k];
+                for (int r = 0; r < mt; r++)
+                    xt[(size_t)m0 * k_in + (size_t)k * mt + r] = x[(size_t)(m0 + r) * k_in + k];
             }
 #pragma omp for schedule(static)
         for (int nb = 0; nb < n_out / NB; nb++) {
             const int8_t *qb = q + (size_t)nb * k_in * NB;
-            const float *ab = a + (size_t)nb * groups * NB, *bb = b + (size_t)nb * groups * NB;
+            const float *ab = a + (size_t)nb * groups * NB, *bb = b ? b + (size_t)nb * groups * NB : NULL;
             if (m <= DIRECT_ROWS) {
                 direct_rows(m, xt, qb, ab, bb, k_in, group, y + nb * NB, n_out);
                 continue;
@@ -115,7 +119,7 @@ int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int
             for (int k0 = 0; k0 < k_in; k0 += KC) {
                 const int kc = k_in - k0 < KC ? k_in - k0 : KC;
                 for (int g0 = 0; g0 < kc; g0 += group) {  // KC is a multiple of every group size
-                    const float *ag = ab + (k0 + g0) / group * NB, *bg = bb + (k0 + g0) / group * NB;
+                    const float *ag = ab + (k0 + g0) / group * NB, *bg = bb ? bb + (k0 + g0) / group * NB : ZEROS;
                     const __m256 a0 = _mm256_loadu_ps(ag), a1 = _mm256_loadu_ps(ag + 8);
                     const __m256 b0 = _mm256_loadu_ps(bg), b1 = _mm256_loadu_ps(bg + 8);
                     for (int k = g0; k < g0 + group && k < kc; k++) {
