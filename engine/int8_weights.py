@@ -11,7 +11,7 @@ sampled rows need whole, 12 / 19 / 52 ms (fp32: 29 / 53 / 68 ms).
 A checkpoint carries them in `int8/weights.safetensors`: `<name>.int8`, `<name>.int8_scale` and, for formats
 with a minimum, `<name>.int8_offset`, for a `<name>` of the fp32 checkpoint. The kernel is compiled at first
 use with the system's C compiler (about a second), cached by the hash of its source; without a compiler,
-AVX2 or FMA, or with `NIM_INT8_WEIGHTS=0`, the engine uses the fp32 weights instead.
+AVX2 or FMA, or with `ENGINE_INT8_WEIGHTS=0`, the engine uses the fp32 weights instead.
 """
 
 import ctypes
@@ -35,7 +35,7 @@ _REPO_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 
 def enabled() -> bool:
-    return os.environ.get("NIM_INT8_WEIGHTS", "1") != "0" and _library() is not None
+    return os.environ.get("ENGINE_INT8_WEIGHTS", "1") != "0" and _library() is not None
 
 
 def _cache_dirs() -> list[Path]:
