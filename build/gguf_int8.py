@@ -88,14 +88,6 @@ def decode(tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int] | No
     return q, scale, offset, group
 
 
-def rebuild(q, scale, offset):
-    """The fp32 weight `q * scale + offset` (torch tensors), rounded once as GGUF's dequantization rounds it
-    (where there is an offset the product is exact), which is what the kernel's fused multiply-add gives."""
-    group = q.shape[1] // scale.shape[1]
-    weight = q.float() * scale.repeat_interleave(group, 1)
-    return weight if offset is None else weight + offset.repeat_interleave(group, 1)
-
-
 def write_int8_weights(gguf_path: Path, checkpoint_dir: Path) -> Path:
     """Write the checkpoint's int8 file (engine/int8_weights.py) from the GGUF's projections. Raises if any
     differs from the float32 weight."""
@@ -122,7 +114,7 @@ def write_int8_weights(gguf_path: Path, checkpoint_dir: Path) -> Path:
             q, scale, offset, group = decoded
             q, scale = torch.from_numpy(q), torch.from_numpy(scale)
             offset = None if offset is None else torch.from_numpy(offset)
-            if not torch.equal(rebuild(q, scale, offset), checkpoint.get_tensor(name)):
+            if not torch.equal(int8_weights.rebuild(q, scale, offset), checkpoint.get_tensor(name)):
                 raise RuntimeError(f"{tensor.name} ({tensor.tensor_type.name}) does not rebuild {name} exactly")
             forms[name] = q, scale, offset
     target = int8_weights.save(checkpoint_dir, forms)

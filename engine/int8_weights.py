@@ -40,30 +40,64 @@ def enabled() -> bool:
 
 def _cache_dirs() -> list[Path]:
     dirs = [Path(os.environ["NIM_CACHE_PATH"]) / "native"] if os.environ.get("NIM_CACHE_PATH") else []
-    return dirs + [_REPO_CACHE / "native", Path(tempfile.gettempdir()) / "nim-native"]
+    # Last, a folder of this user's own under the shared temporary folder (checked before use: see _private).
+    return dirs + [_REPO_CACHE / "native", Path(tempfile.gettempdir()) / f"nim-native-{os.getuid()}"]
+
+
+def _private(folder: Path) -> bool:
+    """Whether `folder` is this user's and nobody else can write to it: no one may plant a library there."""
+    if folder.parent == Path(tempfile.gettempdir()):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.stat()
+        return info.st_uid == os.getuid() and not info.st_mode & 0o022
+    return True
+
+
+def _compile(command: list[str], path: Path) -> None:
+    """Compile into a unique temporary file beside `path`, then rename it into place: atomic, so concurrent
+    engines (other processes, other containers sharing the cache) never load a half-written library."""
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        subprocess.run([*command, "-o", partial], check=True, capture_output=True, timeout=120)
+        os.chmod(partial, 0o755)  # mkstemp's 0600 would keep other users of a shared cache from loading it
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    log.info("compiled the int8 linear kernel into %s", path)
+
+
+def _openmp_flags() -> list[str]:
+    """Link against torch's own OpenMP runtime: one thread pool (and one thread count) for ATen and the kernel."""
+    torch_lib = Path(torch.__file__).parent / "lib"
+    if (torch_lib / "libgomp.so.1").exists():
+        return ["-L", str(torch_lib), "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
+    log.warning("torch's libgomp not found: the int8 kernel gets the system's OpenMP and a thread pool of its own")
+    return []
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    # Linked against torch's own OpenMP runtime: one thread pool for ATen and the kernel.
-    torch_lib = Path(torch.__file__).parent / "lib"
-    gomp = ["-L", str(torch_lib), "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
-    if not (torch_lib / "libgomp.so.1").exists():
-        gomp = []
-    command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), *gomp]
+    command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), *_openmp_flags()]
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
     for folder in _cache_dirs():
         path = folder / f"int8_linear-{digest}.so"
         try:
+            if not _private(folder):
+                log.warning("int8 kernel: %s is not private to this user; not used", folder)
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
             if not path.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                partial = folder / f".{path.name}.{os.getpid()}"
-                subprocess.run([*command, "-o", str(partial)], check=True, capture_output=True, timeout=120)
-                os.replace(partial, path)  # atomic: concurrent engines never load a half-written library
-                log.info("compiled the int8 linear kernel into %s", path)
-            library = ctypes.CDLL(str(path))
+                _compile(command, path)
+            try:
+                library = ctypes.CDLL(str(path))
+            except OSError:  # a broken file (a crash mid-copy, a foreign build): build it again
+                path.unlink(missing_ok=True)
+                _compile(command, path)
+                library = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             log.warning("int8 kernel unavailable in %s: %s %s", folder, e, detail.decode(errors="replace")[-500:])
@@ -98,9 +132,10 @@ class Int8Linear:
         k = parts[0][0].shape[1]
         most = max(scale.shape[1] for _, scale, _ in parts)
         return sum(q.shape[0] for q, _, _ in parts) % _ROWS_PER_BLOCK == 0 and all(
-            q.shape[1] == k and k % scale.shape[1] == 0 and _CHUNK % (k // scale.shape[1]) == 0
-            and most % scale.shape[1] == 0
-            for q, scale, _ in parts
+            q.dtype == torch.int8 and q.shape[1] == k and scale.shape[0] == q.shape[0]
+            and k % scale.shape[1] == 0 and _CHUNK % (k // scale.shape[1]) == 0 and most % scale.shape[1] == 0
+            and (offset is None or offset.shape == scale.shape)
+            for q, scale, offset in parts
         )
 
     @classmethod
@@ -124,10 +159,18 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`x [rows, in_features]` (fp32) @ W.T, into `out` when given (contiguous `[rows, out_features]`)."""
-        x = x.contiguous()
+        # The kernel trusts its pointers: every shape is checked here.
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"int8 linear of {self.in_features} inputs given x {tuple(x.shape)}")
+        x = x.to(torch.float32).contiguous()
+        shape = (x.shape[0], self.out_features)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32)
+        elif out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"int8 linear output must be contiguous fp32 {shape}, got {tuple(out.shape)} {out.dtype}")
         if x.shape[0] == 0:
-            return torch.empty(0, self.out_features) if out is None else out
-        y = torch.empty(x.shape[0], self.out_features) if out is None else out
+            return out
+        y = out
         offset = None if self.offset is None else self.offset.data_ptr()
         status = _library().int8_linear(
             x.data_ptr(), x.shape[0], self.in_features, self.out_features, self.group,
@@ -136,6 +179,25 @@ class Int8Linear:
         if status:
             raise RuntimeError(f"int8_linear failed ({status}) for x {tuple(x.shape)}")
         return y
+
+
+def rebuild(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 weight `q * scale + offset`, rounded once as GGUF's dequantization rounds it (where there is an
+    offset the product is exact), which is what the kernel's fused multiply-add gives."""
+    group = q.shape[1] // scale.shape[1]
+    weight = q.float() * scale.repeat_interleave(group, 1)
+    return weight if offset is None else weight + offset.repeat_interleave(group, 1)
+
+
+def matches(form: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], weight: torch.Tensor) -> bool:
+    """Whether an int8 form is `weight` (spot-checked on its first and last rows): an int8 file left beside
+    a checkpoint that has since changed must not override it."""
+    q, scale, offset = form
+    if q.dtype != torch.int8 or q.shape != weight.shape or scale.shape[0] != q.shape[0]:
+        return False
+    rows = [0, q.shape[0] - 1]
+    part = (q[rows], scale[rows], None if offset is None else offset[rows])
+    return torch.equal(rebuild(*part), weight[rows].to(torch.float32))
 
 
 def save(checkpoint_dir: Path, forms: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> Path:

@@ -5,6 +5,7 @@ sqrt(hidden) embedding scale, rotary tables computed in fp32 then cast). Project
 input are fused (q/k/v, gate/up) to cut the number of matmuls per step, which dominates on CPU.
 """
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from safetensors.torch import load_file
 
 from . import int8_weights, sampling, vocab_screen
 from .config import FULL, SLIDING, ModelConfig, RopeConfig
+
+log = logging.getLogger(__name__)
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -187,12 +190,14 @@ class Decoder:
         def int8_form(names):  # the weights of `names`, stacked, as the checkpoint's int8 form if it has one
             if int8 and dtype == torch.float32 and all(n in int8 for n in names):
                 parts = [int8[n] for n in names]
-                if int8_weights.Int8Linear.packable(parts):
+                if not all(int8_weights.matches(part, weights[n]) for part, n in zip(parts, names)):
+                    log.warning("int8 weights of %s differ from the checkpoint's: fp32 used", names)
+                elif int8_weights.Int8Linear.packable(parts):
                     return int8_weights.Int8Linear.concat(parts)
             return None
 
         def body(names):  # a projection's weight (fused when several names): int8, else fp32 prepacked
-            return int8_form(names) or prepack(cat(names))
+            return int8_form(names) or prepack(torch.cat([w(n) for n in names]))
 
         self.embed = w("model.embed_tokens.weight")
         tied = c.tie_word_embeddings or "lm_head.weight" not in weights

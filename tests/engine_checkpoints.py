@@ -77,8 +77,8 @@ def _save_int8_forms(model, path: Path) -> None:
     """Replace the output layer's and each projection's weight by block-quantized ones and write their int8
     form beside the checkpoint, so that transformers and the engine's int8 kernel compute with the same
     weights. The groups differ per projection (v: 16, o: with minima), so fused weights mix them."""
-    from build.gguf_int8 import rebuild
     from engine import int8_weights
+    from engine.int8_weights import rebuild
 
     forms = {}
     output = model.get_output_embeddings()  # tied models: the token embedding too

@@ -92,6 +92,19 @@ def test_folder_layout(model_dir: Path) -> None:
         assert {str(handle.get_slice(n).get_dtype()) for n in names} == {"F32"}
 
 
+def test_the_engine_reads_every_matrix_as_int8_blocks(model_dir: Path) -> None:
+    import torch
+
+    from engine import int8_weights
+    from engine.model import Decoder
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the int8 kernel needs AVX2 and FMA")
+    model = Decoder.from_dir(model_dir, screen_vocab=False)
+    weights = [w for layer in model.layers for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w)]
+    assert all(isinstance(w, int8_weights.Int8Linear) for w in weights + [model.lm_head_int8])
+
+
 def test_tokenizer_json_like_gemma(model_dir: Path) -> None:
     from tokenizers import Tokenizer
 

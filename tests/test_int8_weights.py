@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from build.gguf_int8 import decode, rebuild
+from build.gguf_int8 import decode
 from engine import int8_weights
-from engine.int8_weights import Int8Linear
+from engine.int8_weights import Int8Linear, rebuild
 
 pytestmark = pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="the int8 kernel needs AVX2 and FMA"
@@ -30,19 +30,43 @@ def test_the_kernel_is_built_here():
 
 @pytest.mark.parametrize("group, asymmetric", [(32, False), (16, False), (32, True)])
 def test_the_kernel_rebuilds_each_weight_bit_for_bit(group, asymmetric):
-    # x = identity: every output is one product 1 * w plus exact zeros, so y must equal W.T exactly
+    # x = identity rows: every output is one product 1 * w plus exact zeros, so y must equal W.T exactly;
+    # 1-4 rows at a time take the direct path, 96 the buffered one
     q, scale, offset = block_weight(48, 96, group, asymmetric)
-    weight = rebuild(q, scale, offset)
-    assert torch.equal(Int8Linear(q, scale, offset)(torch.eye(96)), weight.T)
+    weight, linear, eye = rebuild(q, scale, offset), Int8Linear(q, scale, offset), torch.eye(96)
+    assert torch.equal(linear(eye), weight.T)
+    for rows in (1, 2, 3, 4):
+        assert torch.equal(torch.cat([linear(part) for part in eye.split(rows)]), weight.T)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 6, 7, 13, 300])  # 1-4 rows take the direct path
 @pytest.mark.parametrize("k_in", [96, 640])  # not multiples of the kernel's 256-input chunks
-def test_the_kernel_matches_fp32_matmul(rows, k_in):
-    q, scale, offset = block_weight(64, k_in, 32, True, seed=rows)
+@pytest.mark.parametrize("group, asymmetric", [(32, True), (16, False)])
+def test_the_kernel_matches_fp32_matmul(rows, k_in, group, asymmetric):
+    q, scale, offset = block_weight(64, k_in, group, asymmetric, seed=rows)
     x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(1))
     expected = x.double() @ rebuild(q, scale, offset).double().T
     torch.testing.assert_close(Int8Linear(q, scale, offset)(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_are_checked_before_the_kernel_sees_pointers():
+    linear = Int8Linear(*block_weight(32, 64, 32, False))
+    with pytest.raises(ValueError):
+        linear(torch.randn(2, 65))
+    with pytest.raises(ValueError):
+        linear(torch.randn(2, 64), out=torch.empty(1, 32))
+    with pytest.raises(ValueError):
+        linear(torch.randn(2, 64), out=torch.empty(32, 2).t())
+
+
+def test_an_int8_form_that_no_longer_matches_its_checkpoint_is_not_used():
+    form = block_weight(32, 64, 32, True)
+    weight = rebuild(*form)
+    assert int8_weights.matches(form, weight)
+    changed = weight.clone()
+    changed[-1, 0] += 1e-3
+    assert not int8_weights.matches(form, changed)
+    assert not int8_weights.matches(form, weight[:16])
 
 
 def test_fused_parts_with_different_groups_equal_the_parts_alone():
