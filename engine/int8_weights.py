@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 FILE = Path("int8") / "weights.safetensors"
 _SOURCE = Path(__file__).parent / "csrc" / "int8_linear.c"
 _ROWS_PER_BLOCK = 16  # output rows per packed block (NB in the kernel)
-_CHUNK = 256  # inputs rebuilt at a time (KC in the kernel): groups must divide it
+_CHUNK = 128  # inputs rebuilt at a time (KC in the kernel): groups must divide it
 _REPO_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 

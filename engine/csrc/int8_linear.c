@@ -13,9 +13,9 @@
 
 #define NB 16
 #define MR 6
-#define KC 256
+#define KC 128
 #define DIRECT_ROWS 4
-#define MC 48  // rows per chunk: 48 x 2048 inputs of fp32 x fill 384 KB of a 512 KB L2
+#define MC 96  // rows per chunk (tuned with KC on 2-core Zen: 512 rows -4%, 2048 rows -7% against 48 and 256)
 
 static const float ZEROS[NB] = {0};  // the offsets of a weight without any (b == NULL)
 
