@@ -5,8 +5,8 @@ Q4_K and Q6_K formats, which the default model uses: see build/gguf_int8.py) tak
 bytes. `csrc/int8_linear.c` rebuilds the weights in fp32 in registers or cache and multiplies them there, so
 the result is the fp32 product with the very same weights, summed in another order (as any other BLAS
 would). On the 2-core test machine the default model's body linears take 10 / 12 / 32 ms for 1 / 4 / 16 rows
-(oneDNN's fp32 product: 26 / 25 / 40 ms; 512 rows: the same time), and its 262k-token output layer, which
-sampled rows need whole, 12 / 19 / 52 ms (fp32: 29 / 53 / 68 ms).
+(oneDNN's fp32 product: 26 / 25 / 40 ms; prefills of 512-2,048 rows are 10-12% slower than oneDNN), and its
+262k-token output layer, which sampled rows need whole, 12 / 19 / 52 ms (fp32: 29 / 53 / 68 ms).
 
 A checkpoint carries them in `int8/weights.safetensors`: `<name>.int8`, `<name>.int8_scale` and, for formats
 with a minimum, `<name>.int8_offset`, for a `<name>` of the fp32 checkpoint. The kernel is compiled at first
