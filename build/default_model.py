@@ -7,8 +7,8 @@ Hugging Face-style loader (transformers, TensorRT-LLM's converters, our Triton m
     config.json              Gemma3ForCausalLM / gemma3_text, dtype float32, eos [<eos>, <end_of_turn>]
     generation_config.json   eos_token_id [1, 106] so chat turns end at <end_of_turn>
     model.safetensors        dequantized float32 weights (~1.1 GB)
-    int8/weights.safetensors the projections' GGUF blocks as int8 + scale (+ offset), equal to the float32 ones
-                             (build/gguf_int8.py); the CPU engine reads these (~120 MB)
+    int8/weights.safetensors the projections' and the output layer's GGUF blocks as int8 + scale (+ offset),
+                             equal to the float32 ones (build/gguf_int8.py); the CPU engine reads these (~306 MB)
     tokenizer.json           fast tokenizer (▁ → space, byte fallback; adds <bos>)
     tokenizer_config.json    <bos>/<eos>/<pad>, add_bos_token true, chat_template
     chat_template.jinja      the official Gemma 3 chat template (the GGUF carries none)

@@ -34,6 +34,11 @@ _CHUNK = 128  # inputs rebuilt at a time (KC in the kernel): groups must divide 
 _REPO_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 
+def cpu_supported() -> bool:
+    """Whether this CPU runs the kernel (AVX2 and FMA)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def enabled() -> bool:
     return os.environ.get("ENGINE_INT8_WEIGHTS", "1") != "0" and _library() is not None
 
@@ -79,7 +84,7 @@ def _openmp_flags() -> list[str]:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not cpu_supported():
         return None
     command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), *_openmp_flags()]
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
@@ -115,7 +120,8 @@ class Int8Linear:
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None):
         n, k = q.shape
         groups = scale.shape[1]
-        if q.dtype != torch.int8 or n % _ROWS_PER_BLOCK or k % groups or _CHUNK % (k // groups) or scale.shape[0] != n:
+        if (q.dtype != torch.int8 or n % _ROWS_PER_BLOCK or k % groups or _CHUNK % (k // groups)
+                or scale.shape[0] != n or (offset is not None and offset.shape != scale.shape)):
             raise ValueError(f"cannot pack an int8 weight {tuple(q.shape)} with scales {tuple(scale.shape)}")
         self.out_features, self.in_features, self.group = n, k, k // groups
         blocks = n // _ROWS_PER_BLOCK
@@ -126,32 +132,22 @@ class Int8Linear:
             for t in (scale, offset)
         )  # offset None: all zeros (symmetric formats), not stored
 
-    @staticmethod
-    def packable(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> bool:
-        """Whether `concat(parts)` fits the kernel: outputs in blocks of 16, groups that divide its chunks."""
-        k = parts[0][0].shape[1]
-        most = max(scale.shape[1] for _, scale, _ in parts)
-        return sum(q.shape[0] for q, _, _ in parts) % _ROWS_PER_BLOCK == 0 and all(
-            q.dtype == torch.int8 and q.shape[1] == k and scale.shape[0] == q.shape[0]
-            and k % scale.shape[1] == 0 and _CHUNK % (k // scale.shape[1]) == 0 and most % scale.shape[1] == 0
-            and (offset is None or offset.shape == scale.shape)
-            for q, scale, offset in parts
-        )
-
     @classmethod
     def concat(cls, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> "Int8Linear":
         """One weight of `(q, scale, offset)` parts stacked along the outputs (fused q/k/v, gate/up); parts with
-        larger groups repeat their scales down to the smallest group."""
+        larger groups repeat their scales down to the smallest group. ValueError when the kernel cannot take it."""
         k = parts[0][0].shape[1]
         groups = max(scale.shape[1] for _, scale, _ in parts)
         q, scales, offsets = [], [], []
         for part_q, scale, offset in parts:
+            if part_q.shape[1] != k or groups % scale.shape[1] or scale.shape[0] != part_q.shape[0] or (
+                offset is not None and offset.shape != scale.shape
+            ):
+                raise ValueError("parts of a fused weight need the same inputs, nested groups and matching scales")
             repeat = groups // scale.shape[1]
             q.append(part_q)
             scales.append(scale.repeat_interleave(repeat, 1))
             offsets.append(None if offset is None else offset.repeat_interleave(repeat, 1))
-            if part_q.shape[1] != k or groups % scale.shape[1]:
-                raise ValueError("parts of a fused weight need the same inputs and nested groups")
         if all(o is None for o in offsets):
             return cls(torch.cat(q), torch.cat(scales), None)
         offsets = [torch.zeros_like(s) if o is None else o for s, o in zip(scales, offsets)]
@@ -170,15 +166,14 @@ class Int8Linear:
             raise ValueError(f"int8 linear output must be contiguous fp32 {shape}, got {tuple(out.shape)} {out.dtype}")
         if x.shape[0] == 0:
             return out
-        y = out
         offset = None if self.offset is None else self.offset.data_ptr()
         status = _library().int8_linear(
             x.data_ptr(), x.shape[0], self.in_features, self.out_features, self.group,
-            self.q.data_ptr(), self.scale.data_ptr(), offset, y.data_ptr(),
+            self.q.data_ptr(), self.scale.data_ptr(), offset, out.data_ptr(),
         )
         if status:
             raise RuntimeError(f"int8_linear failed ({status}) for x {tuple(x.shape)}")
-        return y
+        return out
 
 
 def rebuild(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:

@@ -192,8 +192,11 @@ class Decoder:
                 parts = [int8[n] for n in names]
                 if not all(int8_weights.matches(part, weights[n]) for part, n in zip(parts, names)):
                     log.warning("int8 weights of %s differ from the checkpoint's: fp32 used", names)
-                elif int8_weights.Int8Linear.packable(parts):
+                    return None
+                try:
                     return int8_weights.Int8Linear.concat(parts)
+                except ValueError as e:
+                    log.info("int8 weights of %s do not fit the kernel (%s): fp32 used", names, e)
             return None
 
         def body(names):  # a projection's weight (fused when several names): int8, else fp32 prepacked
@@ -399,8 +402,7 @@ class Decoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits `[rows, vocab]` of final hidden states `[rows, hidden]`, valid until the next call."""
-        out = self.logits_out[: hidden.shape[0]]
-        logits = self.lm_head_int8(hidden, out) if self.lm_head_int8 else linear(hidden, self.lm_head, out=out)
+        logits = linear(hidden, self.lm_head_int8 or self.lm_head, out=self.logits_out[: hidden.shape[0]])
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits.div_(cap).tanh_().mul_(cap)

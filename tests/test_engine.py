@@ -106,7 +106,7 @@ def checkpoints_and_engines(request, weights: str):
     checkpoints = request.getfixturevalue("int8_checkpoints" if weights == "int8" else "checkpoints")
     engines = request.getfixturevalue("int8_engines" if weights == "int8" else "engines")
     if weights == "int8":  # a comparison must not pass on the fp32 path by accident
-        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        if not int8_weights.cpu_supported():
             pytest.skip("the int8 kernel needs AVX2 and FMA")
         for engine in engines.values():
             assert isinstance(engine.model.layers[0].qkv_w, int8_weights.Int8Linear)

@@ -11,7 +11,7 @@ from engine import int8_weights
 from engine.int8_weights import Int8Linear, rebuild
 
 pytestmark = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="the int8 kernel needs AVX2 and FMA"
+    not int8_weights.cpu_supported(), reason="the int8 kernel needs AVX2 and FMA"
 )
 
 

@@ -61,6 +61,15 @@ static void tile_rows(int mt, const float *xt, const float *w, int kc, float *y,
 }
 
 
+// The 16 weights of one input in a block, rebuilt from their int8 values `qk` and the group's scales `s0`,
+// `s1` and offsets `o0`, `o1` (16-byte load: exactly one row of the packed q).
+static inline __attribute__((always_inline)) void rebuild16(const int8_t *qk, __m256 s0, __m256 s1, __m256 o0,
+                                                            __m256 o1, __m256 *w0, __m256 *w1) {
+    const __m128i q = _mm_loadu_si128((const __m128i *)qk);
+    *w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), s0, o0);
+    *w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q, q))), s1, o1);
+}
+
 // Up to 4 rows: each weight is rebuilt in registers and used at once (no buffer); 8 accumulators, the
 // group's scales and offsets and the two rebuilt vectors fit AVX2's 16 registers.
 static inline __attribute__((always_inline)) void direct(int mt, const float *xt, const int8_t *qb, const float *ab,
@@ -71,10 +80,8 @@ static inline __attribute__((always_inline)) void direct(int mt, const float *xt
         const __m256 s0 = _mm256_loadu_ps(ag), s1 = _mm256_loadu_ps(ag + 8);
         const __m256 o0 = _mm256_loadu_ps(bg), o1 = _mm256_loadu_ps(bg + 8);
         for (int k = g0; k < g0 + group; k++) {
-            const __m128i qk = _mm_loadu_si128((const __m128i *)(qb + (size_t)k * NB));
-            const __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qk)), s0, o0);
-            const __m128i high = _mm_unpackhi_epi64(qk, qk);
-            const __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(high)), s1, o1);
+            __m256 w0, w1;
+            rebuild16(qb + (size_t)k * NB, s0, s1, o0, o1, &w0, &w1);
             const float *xk = xt + k * mt;
             STEP(0) STEP(1) STEP(2) STEP(3)
         }
@@ -97,14 +104,15 @@ static void direct_rows(int mt, const float *xt, const int8_t *qb, const float *
 static void rebuild(float *w, const int8_t *qb, const float *ab, const float *bb, int kc, int group) {
     for (int g0 = 0; g0 < kc; g0 += group) {
         const float *ag = ab + g0 / group * NB, *bg = bb ? bb + g0 / group * NB : ZEROS;
-        const __m256 a0 = _mm256_loadu_ps(ag), a1 = _mm256_loadu_ps(ag + 8);
-        const __m256 b0 = _mm256_loadu_ps(bg), b1 = _mm256_loadu_ps(bg + 8);
+        const __m256 s0 = _mm256_loadu_ps(ag), s1 = _mm256_loadu_ps(ag + 8);
+        const __m256 o0 = _mm256_loadu_ps(bg), o1 = _mm256_loadu_ps(bg + 8);
+        // kc is a multiple of the group, so `k < kc` never ends the loop; without it the build measured 4-7%
+        // slower at 512 rows (gcc 12).
         for (int k = g0; k < g0 + group && k < kc; k++) {
-            const __m128i qk = _mm_loadu_si128((const __m128i *)(qb + (size_t)k * NB));
-            const __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qk));
-            const __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(qk, qk)));
-            _mm256_store_ps(w + k * NB, _mm256_fmadd_ps(q0, a0, b0));
-            _mm256_store_ps(w + k * NB + 8, _mm256_fmadd_ps(q1, a1, b1));
+            __m256 w0, w1;
+            rebuild16(qb + (size_t)k * NB, s0, s1, o0, o1, &w0, &w1);
+            _mm256_store_ps(w + k * NB, w0);
+            _mm256_store_ps(w + k * NB + 8, w1);
         }
     }
 }
