@@ -10,108 +10,37 @@ would). On the 2-core test machine the default model's body linears take 10 / 12
 
 A checkpoint carries them in `int8/weights.safetensors`: `<name>.int8`, `<name>.int8_scale` and, for formats
 with a minimum, `<name>.int8_offset`, for a `<name>` of the fp32 checkpoint. The kernel is compiled at first
-use with the system's C compiler (about a second), cached by the hash of its source; without a compiler,
-AVX2 or FMA, or with `ENGINE_INT8_WEIGHTS=0`, the engine uses the fp32 weights instead.
+use (engine/native.py); without a compiler, AVX2 or FMA, or with `ENGINE_INT8_WEIGHTS=0`, the engine uses
+the fp32 weights instead.
 """
 
 import ctypes
 import functools
-import hashlib
-import logging
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from . import native
 
 FILE = Path("int8") / "weights.safetensors"
 _SOURCE = Path(__file__).parent / "csrc" / "int8_linear.c"
 _ROWS_PER_BLOCK = 16  # output rows per packed block (NB in the kernel)
 _CHUNK = 128  # inputs rebuilt at a time (KC in the kernel): groups must divide it
-_REPO_CACHE = Path(__file__).resolve().parent.parent / ".cache"
-
-
-def cpu_supported() -> bool:
-    """Whether this CPU runs the kernel (AVX2 and FMA)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def enabled() -> bool:
     return os.environ.get("ENGINE_INT8_WEIGHTS", "1") != "0" and _library() is not None
 
 
-def _cache_dirs() -> list[Path]:
-    dirs = [Path(os.environ["NIM_CACHE_PATH"]) / "native"] if os.environ.get("NIM_CACHE_PATH") else []
-    # Last, a folder of this user's own under the shared temporary folder (checked before use: see _private).
-    return dirs + [_REPO_CACHE / "native", Path(tempfile.gettempdir()) / f"nim-native-{os.getuid()}"]
-
-
-def _private(folder: Path) -> bool:
-    """Whether `folder` is this user's and nobody else can write to it: no one may plant a library there."""
-    if folder.parent == Path(tempfile.gettempdir()):
-        folder.mkdir(mode=0o700, exist_ok=True)
-        info = folder.stat()
-        return info.st_uid == os.getuid() and not info.st_mode & 0o022
-    return True
-
-
-def _compile(command: list[str], path: Path) -> None:
-    """Compile into a unique temporary file beside `path`, then rename it into place: atomic, so concurrent
-    engines (other processes, other containers sharing the cache) never load a half-written library."""
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        subprocess.run([*command, "-o", partial], check=True, capture_output=True, timeout=120)
-        os.chmod(partial, 0o755)  # mkstemp's 0600 would keep other users of a shared cache from loading it
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    log.info("compiled the int8 linear kernel into %s", path)
-
-
-def _openmp_flags() -> list[str]:
-    """Link against torch's own OpenMP runtime: one thread pool (and one thread count) for ATen and the kernel."""
-    torch_lib = Path(torch.__file__).parent / "lib"
-    if (torch_lib / "libgomp.so.1").exists():
-        return ["-L", str(torch_lib), "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
-    log.warning("torch's libgomp not found: the int8 kernel gets the system's OpenMP and a thread pool of its own")
-    return []
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if not cpu_supported():
-        return None
-    command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), *_openmp_flags()]
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
-    for folder in _cache_dirs():
-        path = folder / f"int8_linear-{digest}.so"
-        try:
-            if not _private(folder):
-                log.warning("int8 kernel: %s is not private to this user; not used", folder)
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                _compile(command, path)
-            try:
-                library = ctypes.CDLL(str(path))
-            except OSError:  # a broken file (a crash mid-copy, a foreign build): build it again
-                path.unlink(missing_ok=True)
-                _compile(command, path)
-                library = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            log.warning("int8 kernel unavailable in %s: %s %s", folder, e, detail.decode(errors="replace")[-500:])
-            continue
+    library = native.library("int8_linear")
+    if library is not None:
         library.int8_linear.restype = ctypes.c_int
         library.int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        return library
-    return None
+    return library
 
 
 class Int8Linear:

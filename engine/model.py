@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import int8_weights, sampling, vocab_screen
+from . import int8_weights, kernels, sampling, vocab_screen
 from .config import FULL, SLIDING, ModelConfig, RopeConfig
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,13 @@ def _sliding_causal(queries: torch.Tensor, keys: torch.Tensor, window: int) -> t
     return (keys <= queries) & (keys > queries - window)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The RMSNorm of `x` times `weight` (`[dim]`, or `[heads, dim]` for per-head norms), plus `residual`."""
+    if x.dtype == weight.dtype == torch.float32 and kernels.enabled():
+        return kernels.rms_norm(x, weight, eps, residual)
+    if residual is not None:
+        return residual + rms_norm(x, weight, eps, gemma)
     if x.dtype == torch.float32 and weight.shape == x.shape[-1:]:
         # The same ops in one ATen call (bit-identical in fp32), saving per-op overhead on the hot path.
         return torch.rms_norm(x, x.shape[-1:], weight, eps)
@@ -320,22 +326,29 @@ class Decoder:
         write their cache row: give them a position at or below the batch maximum."""
         n = tokens.shape[0]
         c = self.config
-        length = int(positions.max()) + 1
-        keys = torch.arange(length)[None, :]
-        causal = keys <= positions[:, None]
-        masks = {False: (0, causal[:, None, None, :])}
-        if c.sliding_window:
-            # Keys older than every row's window are skipped entirely.
-            lo = max(0, int(positions.min()) - c.sliding_window + 1)
-            band = _sliding_causal(positions[:, None], keys, c.sliding_window)
-            masks[True] = (lo, band[:, None, None, lo:])
-        groups = c.num_heads // c.num_kv_heads
         flat_rows = self._cache_rows(torch.arange(n), positions)
+        native = self.dtype == torch.float32 and kernels.enabled()
+        if not native:
+            length = int(positions.max()) + 1
+            keys = torch.arange(length)[None, :]
+            causal = keys <= positions[:, None]
+            masks = {False: (0, causal[:, None, None, :])}
+            if c.sliding_window:
+                # Keys older than every row's window are skipped entirely.
+                lo = max(0, int(positions.min()) - c.sliding_window + 1)
+                band = _sliding_causal(positions[:, None], keys, c.sliding_window)
+                masks[True] = (lo, band[:, None, None, lo:])
+        groups = c.num_heads // c.num_kv_heads
 
         def attend(layer, li, q, k, v):
             # q [n,1,H,D], k/v [n,1,KV,D]
             self.k_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, k.reshape(-1, c.head_dim))
             self.v_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, v.reshape(-1, c.head_dim))
+            if native:  # each row reads its own keys once for all heads of a group, with no mask
+                window = c.sliding_window if layer.sliding else 0
+                out = kernels.decode_attention(q[:, 0], self.k_cache[li], self.v_cache[li], positions, window,
+                                               c.attn_scale)
+                return out.view(n, 1, c.num_heads, c.head_dim)
             lo, mask = masks[layer.sliding]
             # One query per row: fold each GQA group's heads into the query axis, so keys are not repeated.
             out = F.scaled_dot_product_attention(
@@ -383,16 +396,14 @@ class Decoder:
             attn = attend(layer, li, q, k, v).reshape(B, T, H * D)
             attn = linear(attn, layer.o_w, layer.o_b)
             if gemma:
-                x = x + rms_norm(attn, layer.post_attn_norm, eps, True)
+                x = rms_norm(attn, layer.post_attn_norm, eps, True, residual=x)
                 h = rms_norm(x, layer.pre_ff_norm, eps, True)
             else:
                 x = x + attn
                 h = rms_norm(x, layer.post_attn_norm, eps, False)
             gate, up = linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
             h = linear(self.act(gate) * up, layer.down_w, layer.down_b)
-            if gemma:
-                h = rms_norm(h, layer.post_ff_norm, eps, True)
-            x = x + h
+            x = rms_norm(h, layer.post_ff_norm, eps, True, residual=x) if gemma else x + h
         return x
 
     def _final_norm(self, h: torch.Tensor) -> torch.Tensor:

@@ -93,10 +93,10 @@ def test_folder_layout(model_dir: Path) -> None:
 
 
 def test_the_engine_reads_every_matrix_as_int8_blocks(model_dir: Path) -> None:
-    from engine import int8_weights
+    from engine import int8_weights, native
     from engine.model import Decoder
 
-    if not int8_weights.cpu_supported():
+    if not native.cpu_supported():
         pytest.skip("the int8 kernel needs AVX2 and FMA")
     model = Decoder.from_dir(model_dir, screen_vocab=False)
     weights = [w for layer in model.layers for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams, stream_due
-from engine import int8_weights, sampling
+from engine import int8_weights, native, sampling
 from engine.config import FULL, SLIDING, ModelConfig
 from engine.model import Decoder
 from engine.generate import generate
@@ -106,7 +106,7 @@ def checkpoints_and_engines(request, weights: str):
     checkpoints = request.getfixturevalue("int8_checkpoints" if weights == "int8" else "checkpoints")
     engines = request.getfixturevalue("int8_engines" if weights == "int8" else "engines")
     if weights == "int8":  # a comparison must not pass on the fp32 path by accident
-        if not int8_weights.cpu_supported():
+        if not native.cpu_supported():
             pytest.skip("the int8 kernel needs AVX2 and FMA")
         for engine in engines.values():
             assert isinstance(engine.model.layers[0].qkv_w, int8_weights.Int8Linear)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from build.gguf_int8 import decode
-from engine import int8_weights
+from engine import int8_weights, native
 from engine.int8_weights import Int8Linear, rebuild
 
 pytestmark = pytest.mark.skipif(
-    not int8_weights.cpu_supported(), reason="the int8 kernel needs AVX2 and FMA"
+    not native.cpu_supported(), reason="the int8 kernel needs AVX2 and FMA"
 )
 
 
