@@ -30,17 +30,13 @@ _CHUNK = 128  # inputs rebuilt at a time (KC in the kernel): groups must divide 
 
 
 def enabled() -> bool:
-    return os.environ.get("ENGINE_INT8_WEIGHTS", "1") != "0" and _library() is not None
+    return os.environ.get("ENGINE_INT8_WEIGHTS", "1") != "0" and _kernel() is not None
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    library = native.library("int8_linear")
-    if library is not None:
-        library.int8_linear.restype = ctypes.c_int
-        library.int8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    return library
+def _kernel():
+    i32, ptr = ctypes.c_int, ctypes.c_void_p
+    return native.function("int8_linear", i32, [ptr, i32, i32, i32, i32, ptr, ptr, ptr, ptr])
 
 
 class Int8Linear:
@@ -96,7 +92,7 @@ class Int8Linear:
         if x.shape[0] == 0:
             return out
         offset = None if self.offset is None else self.offset.data_ptr()
-        status = _library().int8_linear(
+        status = _kernel()(
             x.data_ptr(), x.shape[0], self.in_features, self.out_features, self.group,
             self.q.data_ptr(), self.scale.data_ptr(), offset, out.data_ptr(),
         )

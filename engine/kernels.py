@@ -1,6 +1,6 @@
 """fp32 kernels for the small, frequent parts of a decode step (engine/csrc), in place of ATen calls whose cost
 there is mostly dispatch: RMSNorm (optionally added to a residual) and one-query-per-row attention over the
-KV cache. On the 2-core test machine at 16 rows: RMSNorm 30 -> 21 us a call (most of it now Python and ctypes;
+KV cache. (`ENGINE_NATIVE_KERNELS` also switches the vocabulary screen's own int8 kernel: vocab_screen.py.) On the 2-core test machine at 16 rows: RMSNorm 30 -> 21 us a call (most of it now Python and ctypes;
 a 512-row prefill's 343 -> ~25 us), attention over up to 272 keys 474 -> 230 us a layer; a decode step of the
 default model 96.1 -> 87.4 ms at 16 rows and 29.6 -> 27.0 ms at one (interleaved in one process).
 
@@ -20,21 +20,20 @@ _f32, _i32, _i64, _ptr = ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_
 
 
 @functools.cache
-def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
-    attention, norm = native.library("decode_attention"), native.library("rms_norm")
-    if attention is None or norm is None:
-        return None
-    attention.decode_attention.restype = _i32
-    attention.decode_attention.argtypes = [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _i32, _ptr, _i32, _f32, _ptr]
-    norm.rms_norm.restype = None
-    norm.rms_norm.argtypes = [_ptr, _i64, _i32, _i32, _i32, _ptr, _i32, _f32, _ptr, _ptr]
-    return attention, norm
+def _attention():
+    return native.function("decode_attention", _i32,
+                           [_ptr, _i64, _i32, _i32, _i32, _i32, _ptr, _ptr, _i32, _ptr, _i32, _f32, _ptr])
+
+
+@functools.cache
+def _rms_norm():
+    return native.function("rms_norm", None, [_ptr, _i64, _i32, _i32, _i32, _ptr, _i32, _f32, _ptr, _ptr])
 
 
 @functools.cache
 def enabled() -> bool:
     """Read once per process (tests that change ENGINE_NATIVE_KERNELS clear the cache)."""
-    return os.environ.get("ENGINE_NATIVE_KERNELS", "1") != "0" and _libraries() is not None
+    return os.environ.get("ENGINE_NATIVE_KERNELS", "1") != "0" and None not in (_attention(), _rms_norm())
 
 
 def _check_f32(**tensors: torch.Tensor) -> None:
@@ -75,7 +74,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         if residual.shape != x.shape or not residual.is_contiguous():
             raise ValueError(f"rms_norm residual {tuple(residual.shape)} for x {tuple(x.shape)}")
     if out.numel():
-        _libraries()[1].rms_norm(
+        _rms_norm()(
             rows.data_ptr(), rows.stride(0), rows.shape[0], rows.shape[1], dim, weight.data_ptr(), per_head, eps,
             None if residual is None else residual.data_ptr(), out.data_ptr(),
         )
@@ -99,7 +98,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(n, heads, dim)
     if n == 0:
         return out
-    status = _libraries()[0].decode_attention(
+    status = _attention()(
         q.data_ptr(), q.stride(0), n, heads, kv_heads, dim, k_cache.data_ptr(), v_cache.data_ptr(), length,
         positions.data_ptr(), window, scale, out.data_ptr(),
     )

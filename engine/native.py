@@ -2,7 +2,7 @@
 each), cached by the hash of source and command, loaded with ctypes.
 
 They use AVX2 and FMA and link torch's own OpenMP runtime, so they share ATen's thread pool and thread count.
-Without a compiler or those instructions `library()` returns None and the engine keeps its ATen paths.
+Without a compiler or those instructions `function()` returns None and the engine keeps its ATen paths.
 """
 
 import ctypes
@@ -67,7 +67,7 @@ def _openmp_flags() -> list[str]:
 
 
 @functools.cache
-def library(name: str) -> ctypes.CDLL | None:
+def _library(name: str) -> ctypes.CDLL | None:
     """`csrc/<name>.c` compiled and loaded, or None where it cannot be (logged)."""
     if not cpu_supported():
         return None
@@ -93,3 +93,13 @@ def library(name: str) -> ctypes.CDLL | None:
             detail = getattr(e, "stderr", b"") or b""
             log.warning("%s kernel unavailable in %s: %s %s", name, folder, e, detail.decode(errors="replace")[-500:])
     return None
+
+
+def function(name: str, restype, argtypes: list) -> ctypes._CFuncPtr | None:
+    """The C function `name` of `csrc/<name>.c`, typed, or None where the kernel cannot be built."""
+    library = _library(name)
+    if library is None:
+        return None
+    kernel = getattr(library, name)
+    kernel.restype, kernel.argtypes = restype, argtypes
+    return kernel

@@ -5,12 +5,12 @@ import threading
 import pytest
 import torch
 
-from engine import vocab_screen
+from engine import kernels, vocab_screen
 from engine.model import Decoder
 from engine.vocab_screen import VocabScreen
 from tests.engine_checkpoints import make_tiny_checkpoint
 
-pytestmark = pytest.mark.skipif(not vocab_screen.available(), reason="no fbgemm int8 kernels in this torch build")
+pytestmark = pytest.mark.skipif(not vocab_screen.available(), reason="no int8 kernel for the screen here")
 
 VOCAB, HIDDEN = 4096, 96
 
@@ -22,6 +22,22 @@ def outlier_channels(generator) -> torch.Tensor:
     return gamma
 
 
+@pytest.fixture(params=["native", "fbgemm"])
+def product(request, monkeypatch):
+    """Which int8 product the screens built in a test use: csrc/int8_screen.c or fbgemm's."""
+    native = request.param == "native"
+    if not (vocab_screen._kernel() is not None if native else vocab_screen._fbgemm_available()):
+        pytest.skip(f"no {request.param} int8 product here")
+    monkeypatch.setattr(kernels, "enabled", lambda: native)
+    return request.param
+
+
+def screen_of(weight, gamma, product) -> VocabScreen:
+    screen = VocabScreen(weight, gamma)
+    assert screen.native == (product == "native")
+    return screen
+
+
 def reference(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (h.double() @ weight.double().T).argmax(-1)
 
@@ -30,14 +46,29 @@ def hidden_rows(generator, rows: int, gamma: torch.Tensor) -> torch.Tensor:
     return torch.randn(rows, HIDDEN, generator=generator) * gamma
 
 
-def test_matches_the_exact_argmax_on_outlier_heavy_rows():
+def test_matches_the_exact_argmax_on_outlier_heavy_rows(product):
     g = torch.Generator().manual_seed(0)
     weight, gamma = torch.randn(VOCAB, HIDDEN, generator=g) * 0.05, outlier_channels(g)
     h = hidden_rows(g, 64, gamma)
-    assert torch.equal(VocabScreen(weight, gamma).argmax(h), reference(h, weight))
+    assert torch.equal(screen_of(weight, gamma, product).argmax(h), reference(h, weight))
 
 
-def test_near_ties_far_below_the_int8_step_are_resolved_exactly():
+def test_our_int8_product_equals_fbgemms_bit_for_bit(monkeypatch):
+    if vocab_screen._kernel() is None or not vocab_screen._fbgemm_available():
+        pytest.skip("needs both int8 products")
+    g = torch.Generator().manual_seed(3)
+    weight, gamma = torch.randn(VOCAB, HIDDEN, generator=g) * 0.05, outlier_channels(g)
+    h = hidden_rows(g, 7, gamma)  # a last tile of 3 rows
+    scores = {}
+    for product in ("native", "fbgemm"):
+        monkeypatch.setattr(kernels, "enabled", lambda: product == "native")
+        screen = screen_of(weight, gamma, product)
+        x, _, levels = screen._quantize(h)
+        scores[product] = screen._scores(x, levels).clone()
+    assert torch.equal(scores["native"], scores["fbgemm"])
+
+
+def test_near_ties_far_below_the_int8_step_are_resolved_exactly(product):
     # Groups of 64 rows that differ by 1e-4 relative, ~80x below the weights' int8 step (and ~100x above fp32
     # rounding): int8 scores cannot order them; the winner is decided by the fp32 rescoring.
     g = torch.Generator().manual_seed(1)
@@ -45,21 +76,19 @@ def test_near_ties_far_below_the_int8_step_are_resolved_exactly():
     weight = base.repeat_interleave(64, 0) * (1 + 1e-4 * torch.randn(VOCAB, 1, generator=g))
     gamma = outlier_channels(g)
     h = hidden_rows(g, 32, gamma)
-    screen = VocabScreen(weight, gamma)
+    screen = screen_of(weight, gamma, product)
     expected = reference(h, weight)
-    x = h * screen.inverse_migration
-    int8_scores = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        x / x.abs().amax(1, keepdim=True), 1 / 63, 63, screen.packed
-    )
+    x, _, levels = screen._quantize(h)
+    int8_scores = screen._scores(x, levels)
     assert not torch.equal(int8_scores.argmax(-1), expected)  # the int8 scores alone get some rows wrong
     assert torch.equal(screen.argmax(h), expected)
 
 
-def test_a_row_gets_the_same_token_alone_and_in_any_batch():
+def test_a_row_gets_the_same_token_alone_and_in_any_batch(product):
     g = torch.Generator().manual_seed(2)
     weight, gamma = torch.randn(VOCAB, HIDDEN, generator=g) * 0.05, outlier_channels(g)
     h = hidden_rows(g, 16, gamma)
-    screen = VocabScreen(weight, gamma)
+    screen = screen_of(weight, gamma, product)
     alone = torch.cat([screen.argmax(h[i : i + 1]) for i in range(16)])
     assert torch.equal(screen.argmax(h), alone)
 
