@@ -365,6 +365,13 @@ class Decoder:
 
     # ---- shared body -----------------------------------------------------------------------------
 
+    def _gated_act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """`act(gate) * up` of the fused gate/up projection's output."""
+        if gate_up.dtype == torch.float32 and self.config.hidden_act in kernels.GATED_ACTIVATIONS and kernels.enabled():
+            return kernels.gated_activation(gate_up, self.config.hidden_act)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
     def _cache_rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rows, in a layer's cache viewed as `[-1, head_dim]`, of each token's (slot, kv head, position), in
         the order of k.reshape(-1, head_dim). index_copy_ on that view is orders of magnitude faster than
@@ -401,8 +408,7 @@ class Decoder:
             else:
                 x = x + attn
                 h = rms_norm(x, layer.post_attn_norm, eps, False)
-            gate, up = linear(h, layer.gate_up_w, layer.gate_up_b).chunk(2, dim=-1)
-            h = linear(self.act(gate) * up, layer.down_w, layer.down_b)
+            h = linear(self._gated_act(linear(h, layer.gate_up_w, layer.gate_up_b)), layer.down_w, layer.down_b)
             x = rms_norm(h, layer.post_ff_norm, eps, True, residual=x) if gemma else x + h
         return x
 

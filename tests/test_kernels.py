@@ -40,6 +40,17 @@ def test_rms_norm_of_head_slices_with_a_weight_per_head():
         kernels.rms_norm(qk, randn(5, 40), 1e-6)
 
 
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "silu"])
+@pytest.mark.parametrize("shape", [(1, 2 * 2048), (16, 2 * 37), (3, 700, 2 * 64)])  # 3 x 700 rows: threaded
+def test_gated_activation_matches_aten(hidden_act, shape):
+    gate_up = randn(*shape) * 4
+    gate_up[0, ..., :5] = torch.tensor([0.0, -100.0, 100.0, -20.0, 1e-30])  # both tails of the exponential
+    # Against fp64: ATen's fp32 GELU-tanh rounds its far negative tail to exactly 0 (tanh = -1), ours does not
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    act = F.silu(gate) if hidden_act == "silu" else F.gelu(gate, approximate="tanh")
+    torch.testing.assert_close(kernels.gated_activation(gate_up, hidden_act).double(), act * up, rtol=1e-5, atol=1e-6)
+
+
 def reference_attention(q, k_cache, v_cache, positions, window, scale):
     n, heads, dim = q.shape
     kv_heads, length = k_cache.shape[1], k_cache.shape[2]
