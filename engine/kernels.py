@@ -2,9 +2,9 @@
 there is mostly dispatch: RMSNorm (optionally added to a residual), one-query-per-row attention over the KV
 cache, and the gated MLP's activation. On the 2-core test machine at 16 rows: RMSNorm 30 -> 21 us a call (most
 of it now Python and ctypes; a 512-row prefill's 343 -> ~25 us), attention over up to 272 keys 474 -> 230 us a
-layer, GELU-tanh and product 100 -> 45 us (512 rows: 2.6 -> 0.5 ms); a decode step of the default model 100.9 -> 87.0 ms at 16 rows and
-31.1 -> 25.6 ms at one (interleaved in one process). (`ENGINE_NATIVE_KERNELS` also switches the vocabulary
-screen's own int8 kernel: vocab_screen.py.)
+layer, GELU-tanh and product 100 -> 45 us (512 rows: 2.6 -> 0.5 ms); a decode step of the default model 100.9 ->
+87.0 ms at 16 rows and 31.1 -> 25.6 ms at one (interleaved in one process). (`ENGINE_NATIVE_KERNELS` also
+switches the vocabulary screen's own int8 kernel: vocab_screen.py.)
 
 `enabled()` is False without a C compiler, AVX2 or FMA, or with `ENGINE_NATIVE_KERNELS=0`; the model then
 keeps its ATen paths. The wrappers check every shape, dtype and stride: the kernels trust their pointers.

@@ -43,7 +43,8 @@ void gated_activation(const float *x, int rows, int d, int act, float *out) {
                 z = _mm256_mul_ps(_mm256_set1_ps(1.5957691216057308f),
                                   _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), cube, g));
             }
-            const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), z)));
+            const __m256 denominator =
+                _mm256_add_ps(_mm256_set1_ps(1.f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), z)));
             _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_div_ps(g, denominator), _mm256_loadu_ps(up + j)));
         }
         for (; j < d; j++) o[j] = gate[j] / (1.f + expf(-sigmoid_arg(gate[j], act))) * up[j];
