@@ -4,7 +4,8 @@ On the default model the fp32 output layer (262k x 640) is about 45% of a decode
 needs only its argmax, so each row is first scored against an int8 copy of the layer (csrc/int8_screen.c,
 or fbgemm's equal product; ~3x faster), every score gets a rigorous bound on its quantization error, and
 only the tokens whose upper bound reaches an exact fp32 logit are rescored in fp32. The argmax of those is
-the argmax of the full fp32 logits: a token left out has an upper bound below a logit that some candidate beats or equals.
+the argmax of the full fp32 logits: a token left out has an upper bound below a logit that some candidate
+beats or equals.
 
 Bound, with `x` the row and `w_j` a vocabulary row, both after the per-channel migration below, and
 `~` the quantized values:
