@@ -1,10 +1,11 @@
 """fp32 kernels for the small, frequent parts of a decode step (engine/csrc), in place of ATen calls whose cost
 there is mostly dispatch: RMSNorm (optionally added to a residual), one-query-per-row attention over the KV
 cache, and the gated MLP's activation. On the 2-core test machine at 16 rows: RMSNorm 30 -> 21 us a call (most
-of it now Python and ctypes; a 512-row prefill's 343 -> ~25 us), attention over up to 272 keys 474 -> 230 us a
-layer, GELU-tanh and product 100 -> 45 us (512 rows: 2.6 -> 0.5 ms); a decode step of the default model 100.9 ->
-87.0 ms at 16 rows and 31.1 -> 25.6 ms at one (interleaved in one process). (`ENGINE_NATIVE_KERNELS` also
-switches the vocabulary screen's own int8 kernel: vocab_screen.py.)
+of it now Python and ctypes; a 512-row prefill's 343 -> ~25 us); attention of 16 rows over ~130 keys 474 us with
+SDPA and masks, 239 us in a first kernel, 134 us with the group's scores and output slices held in registers;
+GELU-tanh and product 100 -> 45 us (512 rows: 2.6 -> 0.5 ms). A decode step of the default model with the first
+three: 100.9 -> 87.0 ms at 16 rows, 31.1 -> 25.6 ms at one (interleaved in one process).
+(`ENGINE_NATIVE_KERNELS` also switches the vocabulary screen's own int8 kernel: vocab_screen.py.)
 
 `enabled()` is False without a C compiler, AVX2 or FMA, or with `ENGINE_NATIVE_KERNELS=0`; the model then
 keeps its ATen paths. The wrappers check every shape, dtype and stride: the kernels trust their pointers.
@@ -37,6 +38,7 @@ def _gated_activation():
     return native.function("gated_activation", None, [_ptr, _i32, _i32, _i32, _ptr])
 
 
+MAX_ATTENTION_GROUP = 8  # query heads per KV head that decode_attention takes (MAX_GROUP in its source)
 GATED_ACTIVATIONS = {"gelu_pytorch_tanh": 0, "silu": 1}  # hidden_act -> the kernel's `act`
 
 
@@ -102,7 +104,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     slots, kv_heads, length, cache_dim = k_cache.shape
     _check_f32(q=q, k_cache=k_cache, v_cache=v_cache)
     if (q.stride(-1) != 1 or q.stride(-2) != dim or cache_dim != dim or v_cache.shape != k_cache.shape
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or n > slots or heads % kv_heads):
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or n > slots or heads % kv_heads
+            or heads // kv_heads > MAX_ATTENTION_GROUP):
         raise ValueError(f"decode attention of q {tuple(q.shape)} over caches {tuple(k_cache.shape)}")
     positions = positions.to(torch.int64).contiguous()
     if positions.shape != (n,):

@@ -327,7 +327,8 @@ class Decoder:
         n = tokens.shape[0]
         c = self.config
         flat_rows = self._cache_rows(torch.arange(n), positions)
-        native = self.dtype == torch.float32 and kernels.enabled()
+        native = (self.dtype == torch.float32 and c.num_heads // c.num_kv_heads <= kernels.MAX_ATTENTION_GROUP
+                  and kernels.enabled())
         if not native:
             length = int(positions.max()) + 1
             keys = torch.arange(length)[None, :]

@@ -73,7 +73,8 @@ def _library(name: str) -> ctypes.CDLL | None:
         return None
     source = _SOURCES / f"{name}.c"
     command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(source), "-lm", *_openmp_flags()]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(_SOURCES.glob("*.h")))  # what the sources may include
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(command).encode()).hexdigest()[:16]
     for folder in _cache_dirs():
         path = folder / f"{name}-{digest}.so"
         try:

@@ -66,7 +66,8 @@ def reference_attention(q, k_cache, v_cache, positions, window, scale):
 
 
 # Contexts past 64 keys take several blocks of the online softmax.
-@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 1, 256), (8, 2, 64), (3, 3, 37)])
+# Groups of 1 to 8 heads; dims that end on 16 floats, on 8 and on single floats.
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 1, 256), (8, 2, 64), (3, 3, 37), (6, 1, 40), (8, 1, 24)])
 @pytest.mark.parametrize("window", [0, 5, 100])
 def test_decode_attention_matches_sdpa(heads, kv_heads, dim, window):
     slots, length, n = 6, 300, 5

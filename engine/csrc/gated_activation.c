@@ -3,27 +3,12 @@
 // of ATen's activation then product (GELU-tanh alone ~3 ns an element in ATen here).
 //
 // Both are x * sigmoid(z): GELU-tanh 0.5 x (1 + tanh(y)) = x * sigmoid(2y) with y = sqrt(2 / pi) (x + 0.044715
-// x^3), SiLU with z = x. exp is Cephes' single-precision polynomial (about 1 ulp), vectorized.
+// x^3), SiLU with z = x (exp256: vector_math.h).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
-static inline __m256 exp256(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, ln 2 in two parts
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+#include "vector_math.h"
 
 static inline float sigmoid_arg(float x, int act) {
     return act == 0 ? 1.5957691216057308f * (x + 0.044715f * x * x * x) : x;  // 2 sqrt(2 / pi)
