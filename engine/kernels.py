@@ -30,7 +30,7 @@ def _attention():
 
 @functools.cache
 def _rms_norm():
-    return native.function("rms_norm", None, [_ptr, _i64, _i32, _i32, _i32, _ptr, _i32, _f32, _ptr, _ptr])
+    return native.function("rms_norm", None, [_ptr, _i64, _i32, _i32, _i32, _ptr, _i32, _f32, _ptr, _ptr, _ptr, _ptr])
 
 
 @functools.cache
@@ -56,41 +56,50 @@ def _check_f32(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be fp32, got {t.dtype}")
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
+def _as_rows(x: torch.Tensor, heads: int) -> torch.Tensor:
     """`x [..., dim]` as `[rows, heads, dim]` with contiguous heads and evenly spaced rows, copied only where
     its strides do not allow that view."""
     dim = x.shape[-1]
-    if x.is_contiguous():
-        return x.view(-1, 1, dim)
-    if x.dim() >= 3 and x.stride(-1) == 1 and x.stride(-2) == dim:
+    if x.stride(-1) == 1 and (heads == 1 or x.stride(-2) == dim):
         try:
-            return x.view(-1, *x.shape[-2:])
+            return x.view(-1, heads, dim)
         except RuntimeError:  # leading dims that do not flatten into one stride
             pass
-    return x.contiguous().view(-1, 1, dim)
+    return x.contiguous().view(-1, heads, dim)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None,
+             rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`residual + x / sqrt(mean(x**2, -1) + eps) * weight` (no residual: none added), a new contiguous tensor
     of x's shape. `x` may be a slice of heads (`[..., heads, dim]` with contiguous heads), and `weight` one per
-    head (`[heads, dim]`) or one for all (`[dim]`)."""
+    head (`[heads, dim]`) or one for all (`[dim]`), or None: no norm. `rope = (cos, sin)`, each `[..., dim]`
+    for x's leading dims (every token's rotary table at its position), then rotates each vector (RoPE)."""
     dim = x.shape[-1]
-    _check_f32(x=x, weight=weight)
-    per_head = weight.dim() == 2
-    if weight.shape != ((x.shape[-2], dim) if per_head else (dim,)) or not weight.is_contiguous():
-        raise ValueError(f"rms_norm weight {tuple(weight.shape)} for x {tuple(x.shape)}")
-    rows = _as_rows(x)
-    if per_head and rows.shape[1] != weight.shape[0]:
-        rows = x.contiguous().view(-1, *weight.shape)
+    _check_f32(x=x)
+    per_head = weight is not None and weight.dim() == 2
+    if weight is not None:
+        _check_f32(weight=weight)
+        if weight.shape != ((x.shape[-2], dim) if per_head else (dim,)) or not weight.is_contiguous():
+            raise ValueError(f"rms_norm weight {tuple(weight.shape)} for x {tuple(x.shape)}")
+    # rows of heads: one rotary table per row (a token) and one weight per head
+    rows = _as_rows(x, x.shape[-2] if x.dim() >= 3 and (per_head or rope is not None) else 1)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if residual is not None:
         _check_f32(residual=residual)
         if residual.shape != x.shape or not residual.is_contiguous():
             raise ValueError(f"rms_norm residual {tuple(residual.shape)} for x {tuple(x.shape)}")
+    cos = sin = None
+    if rope is not None:
+        cos, sin = (t.contiguous() for t in rope)
+        _check_f32(cos=cos, sin=sin)
+        if dim % 2 or cos.shape != sin.shape or cos.numel() != rows.shape[0] * dim:
+            raise ValueError(f"rope tables {tuple(cos.shape)} for x {tuple(x.shape)}")
     if out.numel():
         _rms_norm()(
-            rows.data_ptr(), rows.stride(0), rows.shape[0], rows.shape[1], dim, weight.data_ptr(), per_head, eps,
+            rows.data_ptr(), rows.stride(0), rows.shape[0], rows.shape[1], dim,
+            None if weight is None else weight.data_ptr(), per_head, eps,
             None if residual is None else residual.data_ptr(), out.data_ptr(),
+            None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
         )
     return out
 

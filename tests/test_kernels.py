@@ -40,6 +40,25 @@ def test_rms_norm_of_head_slices_with_a_weight_per_head():
         kernels.rms_norm(qk, randn(5, 40), 1e-6)
 
 
+@pytest.mark.parametrize("with_norm", [True, False])  # Gemma's q/k norm, or rotation alone (Llama, Qwen2)
+@pytest.mark.parametrize("dim", [40, 256, 18])  # halves of 20 / 128 / 9 floats: vector and scalar paths
+def test_norm_and_rope_match_aten(with_norm, dim):
+    from engine.model import apply_rope, rope_tables
+    from engine.config import RopeConfig
+
+    qkv = randn(2, 5, 7 * dim)
+    qk = qkv[..., : 6 * dim].view(2, 5, 6, dim)  # read in place from the fused projection
+    weight = randn(6, dim, seed=1) if with_norm else None
+    cos, sin = rope_tables(RopeConfig(theta=10000.0), dim, 64, torch.float32)
+    positions = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    x = qk.contiguous()
+    if with_norm:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    expected = apply_rope(x, cos[positions][:, :, None], sin[positions][:, :, None])
+    got = kernels.rms_norm(qk, weight, 1e-6, rope=(cos[positions], sin[positions]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "silu"])
 @pytest.mark.parametrize("shape", [(1, 2 * 2048), (16, 2 * 37), (3, 700, 2 * 64)])  # 3 x 700 rows: threaded
 def test_gated_activation_matches_aten(hidden_act, shape):

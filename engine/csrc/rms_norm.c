@@ -3,8 +3,10 @@
 // composite ops, and a decode step makes 73 of them on Gemma 3; this is one pass of ~2 us.
 //
 // x holds `rows` rows `row_stride` floats apart, each of `heads` contiguous vectors (Gemma's per-head q/k
-// norm; 1 otherwise); w is [dim], or [heads][dim] when `w_per_head`; out and residual (NULL: none) are
-// contiguous [rows][heads][dim] and may be the same memory.
+// norm; 1 otherwise); w is [dim], or [heads][dim] when `w_per_head`, or NULL for no norm at all; out and
+// residual (NULL: none) are contiguous [rows][heads][dim] and may be the same memory. With `cos` and `sin`
+// ([rows][dim], each row's rotary table at its position), each vector is then rotated (RoPE, rotate-half
+// form): q and k get their norm and rotation in one pass.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -31,14 +33,36 @@ static void norm_one(const float *x, const float *w, int dim, float eps, const f
     for (; i < dim; i++) out[i] = (residual ? residual[i] : 0.f) + x[i] * r * w[i];
 }
 
+// y = y * cos + rotate_half(y) * sin, rotate_half(y) = [-y2, y1] for the halves y1, y2 of y.
+static void rotate(float *y, const float *c, const float *s, int dim) {
+    const int half = dim / 2;
+    int i = 0;
+    for (; i + 8 <= half; i += 8) {
+        const __m256 a = _mm256_loadu_ps(y + i), b = _mm256_loadu_ps(y + half + i);
+        _mm256_storeu_ps(y + i, _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + i)),
+                                              _mm256_mul_ps(b, _mm256_loadu_ps(s + i))));
+        _mm256_storeu_ps(y + half + i, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + half + i)),
+                                                     _mm256_mul_ps(a, _mm256_loadu_ps(s + half + i))));
+    }
+    for (; i < half; i++) {
+        const float a = y[i], b = y[half + i];
+        y[i] = a * c[i] - b * s[i];
+        y[half + i] = b * c[half + i] + a * s[half + i];
+    }
+}
+
 void rms_norm(const float *x, int64_t row_stride, int rows, int heads, int dim, const float *w, int w_per_head,
-              float eps, const float *residual, float *out) {
+              float eps, const float *residual, float *out, const float *cos, const float *sin) {
     // Threads only pay off on prefill-sized inputs: a parallel region costs a few microseconds.
 #pragma omp parallel for schedule(static) if ((int64_t)rows * heads * dim >= 1 << 16)
     for (int r = 0; r < rows; r++)
         for (int h = 0; h < heads; h++) {
             const size_t at = ((size_t)r * heads + h) * dim;
-            norm_one(x + r * row_stride + (size_t)h * dim, w_per_head ? w + (size_t)h * dim : w, dim, eps,
-                     residual ? residual + at : NULL, out + at);
+            const float *v = x + r * row_stride + (size_t)h * dim;
+            if (w)
+                norm_one(v, w_per_head ? w + (size_t)h * dim : w, dim, eps, residual ? residual + at : NULL, out + at);
+            else
+                for (int i = 0; i < dim; i++) out[at + i] = (residual ? residual[at + i] : 0.f) + v[i];
+            if (cos) rotate(out + at, cos + (size_t)r * dim, sin + (size_t)r * dim, dim);
         }
 }
