@@ -57,6 +57,12 @@ def _kernel():
     return native.function("int8_screen", i32, [ptr, i32, i32, i32, ptr, ptr, ptr, i32, ptr])
 
 
+@functools.cache
+def _block_kernel():
+    i32, ptr = ctypes.c_int, ctypes.c_void_p
+    return native.function("screen_blocks", None, [ptr, i32, i32, i32] + [ptr] * 6)
+
+
 def available() -> bool:
     return _kernel() is not None or _fbgemm_available()
 
@@ -83,7 +89,8 @@ class VocabScreen:
             quantized_norm[start : start + _BUILD_ROWS] = torch.linalg.vector_norm(rows, dim=1) * rows_step
         self.half_step = step / 2
         self.quantized_norm = quantized_norm  # |~w_j|_2
-        self.native = kernels.enabled() and _kernel() is not None and vocab % 16 == 0 and hidden % 4 == 0
+        self.native = (kernels.enabled() and None not in (_kernel(), _block_kernel()) and vocab % 16 == 0
+                       and hidden % 4 == 0)
         if self.native:  # csrc/int8_screen.c's layout: [vocab / 16][hidden / 4][16][4]
             self.row_sum = quantized.sum(1, dtype=torch.int32)
             self.score_scale = step * _STEP
@@ -105,23 +112,26 @@ class VocabScreen:
         None when the full product is the cheaper way (too many candidates) or the row is not finite."""
         rows = h.shape[0]
         x, peak, levels = self._quantize(h)
-        x_error = x - levels * _STEP
+        l1 = torch.linalg.vector_norm(x, 1, dim=1) * _SLACK
+        error = torch.linalg.vector_norm(x - levels * _STEP, dim=1) * _SLACK
         scores = self._scores(x, levels)
+        block_score, block_bound = self._block_maxima(scores, l1, error)
         # The exact logit of each row's best-scored token is a lower bound on the row's maximum.
-        anchor = sampling.argmax(scores)
-        floor = self._exact_logits(anchor, h) / peak - _ABS_SLACK
-        # Scores become upper bounds, in place (the step's largest tensor is not copied).
-        scores.addr_(torch.linalg.vector_norm(x, 1, dim=1) * _SLACK, self.half_step)
-        scores.addr_(torch.linalg.vector_norm(x_error, dim=1) * _SLACK, self.quantized_norm)
-        # Tokens whose bound reaches the floor, found block by block: few blocks hold any.
-        # (index_select: advanced indexing gathers rows several times slower.)
-        blocks_per_row = scores.shape[1] // self.block
         blocks = scores.view(-1, self.block)  # [rows * blocks per row, block]
-        hits = (blocks.amax(-1).view(rows, -1) >= floor[:, None]).view(-1).nonzero()[:, 0]
-        hit_rows = hits // blocks_per_row
-        in_hit, offset = (blocks.index_select(0, hits) >= floor[hit_rows, None]).nonzero(as_tuple=True)
+        blocks_per_row = scores.shape[1] // self.block
+        best_block = block_score.argmax(1)
+        anchor = best_block * self.block + blocks[torch.arange(rows) * blocks_per_row + best_block].argmax(-1)
+        floor = self._exact_logits(anchor, h) / peak - _ABS_SLACK
+        # Tokens whose bound reaches the floor, found block by block: few blocks hold any, and only theirs are
+        # computed here. (index_select: advanced indexing gathers rows several times slower.)
+        hits = (block_bound >= floor[:, None]).view(-1).nonzero()[:, 0]
+        hit_rows, hit_blocks = hits // blocks_per_row, hits % blocks_per_row
+        bounds = blocks.index_select(0, hits)
+        bounds += l1[hit_rows, None] * self.half_step.view(-1, self.block).index_select(0, hit_blocks)
+        bounds += error[hit_rows, None] * self.quantized_norm.view(-1, self.block).index_select(0, hit_blocks)
+        in_hit, offset = (bounds >= floor[hit_rows, None]).nonzero(as_tuple=True)
         cand_rows = hit_rows[in_hit]
-        cand_tokens = (hits[in_hit] % blocks_per_row) * self.block + offset
+        cand_tokens = hit_blocks[in_hit] * self.block + offset
         if cand_tokens.numel() > _MAX_CANDIDATES:
             return None
         logits = self._exact_logits(cand_tokens, h.index_select(0, cand_rows))
@@ -138,6 +148,21 @@ class VocabScreen:
         peak = x.abs().amax(1).clamp_(min=torch.finfo(torch.float32).tiny)
         x /= peak[:, None]
         return x, peak, torch.round(x / _STEP).clamp_(-_ZERO_POINT, 127 - _ZERO_POINT)
+
+    def _block_maxima(self, scores: torch.Tensor, l1: torch.Tensor, error: torch.Tensor):
+        """Per row and block, the largest score and the largest upper bound `score + l1 * s_j / 2 + error *
+        |~w_j|_2` (csrc/screen_blocks.c: one read of the scores), each `[rows, blocks]`."""
+        rows, vocab = scores.shape
+        if not (self.native and self.block % 8 == 0):
+            by_block = scores.view(rows, -1, self.block)
+            bounds = scores.addr(l1, self.half_step).addr_(error, self.quantized_norm)
+            return by_block.amax(-1), bounds.view(rows, -1, self.block).amax(-1)
+        block_score, block_bound = torch.empty(2, rows, vocab // self.block)
+        l1, error = l1.contiguous(), error.contiguous()
+        _block_kernel()(scores.data_ptr(), rows, vocab, self.block, l1.data_ptr(), error.data_ptr(),
+                        self.half_step.data_ptr(), self.quantized_norm.data_ptr(), block_score.data_ptr(),
+                        block_bound.data_ptr())
+        return block_score, block_bound
 
     def _scores(self, x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """The int8 product of the rows `x` (quantized: `levels` steps) with the screen's weights, `[rows, vocab]`."""
