@@ -41,7 +41,7 @@ def test_the_kernel_rebuilds_each_weight_bit_for_bit(group, asymmetric):
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 6, 7, 13, 300])  # 1-4 rows take the direct path
 @pytest.mark.parametrize("k_in", [96, 672])  # not multiples of the kernel's 128-input chunks
-@pytest.mark.parametrize("group, asymmetric", [(32, True), (16, False)])
+@pytest.mark.parametrize("group, asymmetric", [(32, True), (16, False), (1, True)])  # 1: odd, one row chains alike
 def test_the_kernel_matches_fp32_matmul(rows, k_in, group, asymmetric):
     q, scale, offset = block_weight(64, k_in, group, asymmetric, seed=rows)
     x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(1))

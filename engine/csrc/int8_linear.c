@@ -89,10 +89,42 @@ static inline __attribute__((always_inline)) void direct(int mt, const float *xt
     STORE(0) STORE(1) STORE(2) STORE(3)
 }
 
+// One row: `direct` would chain every FMA of an output on the one before (4 cycles each); four chains, for
+// alternate inputs, hide that latency (groups are even), and a prefetch 1 KB ahead keeps the weights coming.
+// Decode body of the default model at one row 17.9 / 17.6 -> 16.8 / 16.1 ms (two interleaved runs).
+static void direct_one_row(const float *x, const int8_t *qb, const float *ab, const float *bb, int k_in, int group,
+                           float *y) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (int g0 = 0; g0 < k_in; g0 += group) {
+        const float *ag = ab + g0 / group * NB, *bg = bb ? bb + g0 / group * NB : ZEROS;
+        const __m256 s0 = _mm256_loadu_ps(ag), s1 = _mm256_loadu_ps(ag + 8);
+        const __m256 o0 = _mm256_loadu_ps(bg), o1 = _mm256_loadu_ps(bg + 8);
+        for (int k = g0; k < g0 + group; k += 2) {
+            if (!(k & 3)) _mm_prefetch((const char *)(qb + (size_t)(k + 64) * NB), _MM_HINT_T0);  // one line a 4 k
+            __m256 w0, w1, w2, w3;
+            rebuild16(qb + (size_t)k * NB, s0, s1, o0, o1, &w0, &w1);
+            rebuild16(qb + (size_t)(k + 1) * NB, s0, s1, o0, o1, &w2, &w3);
+            const __m256 x0 = _mm256_broadcast_ss(x + k), x1 = _mm256_broadcast_ss(x + k + 1);
+            a0 = _mm256_fmadd_ps(x0, w0, a0);
+            b0 = _mm256_fmadd_ps(x0, w1, b0);
+            a1 = _mm256_fmadd_ps(x1, w2, a1);
+            b1 = _mm256_fmadd_ps(x1, w3, b1);
+        }
+    }
+    _mm256_storeu_ps(y, _mm256_add_ps(a0, a1));
+    _mm256_storeu_ps(y + 8, _mm256_add_ps(b0, b1));
+}
+
 static void direct_rows(int mt, const float *xt, const int8_t *qb, const float *ab, const float *bb, int k_in,
                         int group, float *y, int n_out) {
     switch (mt) {
-        case 1: direct(1, xt, qb, ab, bb, k_in, group, y, n_out); break;
+        case 1:
+            if (group % 2 == 0) {
+                direct_one_row(xt, qb, ab, bb, k_in, group, y);
+                break;
+            }
+            direct(1, xt, qb, ab, bb, k_in, group, y, n_out);
+            break;
         case 2: direct(2, xt, qb, ab, bb, k_in, group, y, n_out); break;
         case 3: direct(3, xt, qb, ab, bb, k_in, group, y, n_out); break;
         default: direct(4, xt, qb, ab, bb, k_in, group, y, n_out); break;
