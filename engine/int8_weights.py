@@ -24,7 +24,6 @@ import torch
 from . import native
 
 FILE = Path("int8") / "weights.safetensors"
-_SOURCE = Path(__file__).parent / "csrc" / "int8_linear.c"
 _ROWS_PER_BLOCK = 16  # output rows per packed block (NB in the kernel)
 _CHUNK = 128  # inputs rebuilt at a time (KC in the kernel): groups must divide it
 

@@ -63,8 +63,13 @@ def _block_kernel():
     return native.function("screen_blocks", None, [ptr, i32, i32, i32] + [ptr] * 6)
 
 
+def _native() -> bool:
+    """Whether our int8 product and block pass run here; else fbgemm's product and ATen's passes."""
+    return kernels.enabled() and None not in (_kernel(), _block_kernel())
+
+
 def available() -> bool:
-    return _kernel() is not None or _fbgemm_available()
+    return _native() or _fbgemm_available()
 
 
 class VocabScreen:
@@ -89,8 +94,7 @@ class VocabScreen:
             quantized_norm[start : start + _BUILD_ROWS] = torch.linalg.vector_norm(rows, dim=1) * rows_step
         self.half_step = step / 2
         self.quantized_norm = quantized_norm  # |~w_j|_2
-        self.native = (kernels.enabled() and None not in (_kernel(), _block_kernel()) and vocab % 16 == 0
-                       and hidden % 4 == 0)
+        self.native = _native() and vocab % 16 == 0 and hidden % 4 == 0
         if self.native:  # csrc/int8_screen.c's layout: [vocab / 16][hidden / 4][16][4]
             self.row_sum = quantized.sum(1, dtype=torch.int32)
             self.score_scale = step * _STEP
@@ -117,13 +121,12 @@ class VocabScreen:
         scores = self._scores(x, levels)
         block_score, block_bound = self._block_maxima(scores, l1, error)
         # The exact logit of each row's best-scored token is a lower bound on the row's maximum.
-        blocks = scores.view(-1, self.block)  # [rows * blocks per row, block]
-        blocks_per_row = scores.shape[1] // self.block
-        best_block = block_score.argmax(1)
-        anchor = best_block * self.block + blocks[torch.arange(rows) * blocks_per_row + best_block].argmax(-1)
+        anchor = sampling.argmax(scores, block_score)
         floor = self._exact_logits(anchor, h) / peak - _ABS_SLACK
         # Tokens whose bound reaches the floor, found block by block: few blocks hold any, and only theirs are
         # computed here. (index_select: advanced indexing gathers rows several times slower.)
+        blocks = scores.view(-1, self.block)  # [rows * blocks per row, block]
+        blocks_per_row = scores.shape[1] // self.block
         hits = (block_bound >= floor[:, None]).view(-1).nonzero()[:, 0]
         hit_rows, hit_blocks = hits // blocks_per_row, hits % blocks_per_row
         bounds = blocks.index_select(0, hits)
@@ -153,7 +156,7 @@ class VocabScreen:
         """Per row and block, the largest score and the largest upper bound `score + l1 * s_j / 2 + error *
         |~w_j|_2` (csrc/screen_blocks.c: one read of the scores), each `[rows, blocks]`."""
         rows, vocab = scores.shape
-        if not (self.native and self.block % 8 == 0):
+        if not self.native:
             by_block = scores.view(rows, -1, self.block)
             bounds = scores.addr(l1, self.half_step).addr_(error, self.quantized_norm)
             return by_block.amax(-1), bounds.view(rows, -1, self.block).amax(-1)

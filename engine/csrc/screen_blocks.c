@@ -6,12 +6,7 @@
 #include <math.h>
 #include <stdint.h>
 
-static inline float hmax(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
+#include "vector_math.h"
 
 // scores [rows][n]; `block` a multiple of 8 dividing n; out [rows][n / block] each.
 void screen_blocks(const float *scores, int rows, int n, int block, const float *l1, const float *err,
