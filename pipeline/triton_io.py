@@ -10,20 +10,15 @@ from pipeline.tensors import Tensors
 
 
 class ModelShell:
-    """What every shell needs: its config's input names and parameters."""
+    """What every shell needs: its config, its parameters and its requests' inputs."""
 
     def __init__(self, args: dict):
         self.model_config = json.loads(args["model_config"])
-        self.input_names = [i["name"] for i in self.model_config["input"]]
         self.parameters = {k: v["string_value"] for k, v in self.model_config.get("parameters", {}).items()}
 
     def inputs(self, request) -> Tensors:
-        tensors = {}
-        for name in self.input_names:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                tensors[name] = tensor.as_numpy()
-        return tensors
+        # One pass over what the request carries: a lookup per declared name searches them all each time.
+        return {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
 
 
 def response(tensors: Tensors) -> "pb_utils.InferenceResponse":

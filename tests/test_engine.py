@@ -1,6 +1,7 @@
 """Engine tests on tiny random-weight checkpoints, with transformers as the reference."""
 
 import contextlib
+import os
 import threading
 import time
 
@@ -568,3 +569,19 @@ def test_running_streams_advance_between_the_prefills_of_a_burst(gemma):
         assert done.acquire(timeout=60)
     first, last = events.index("burst-0"), events.index("burst-6")
     assert "running" in events[first:last]
+
+
+@pytest.mark.parametrize("setting, policy", [(None, os.SCHED_IDLE), ("0", os.SCHED_OTHER)])
+def test_engine_threads_yield_the_cores_to_other_processes(checkpoints, monkeypatch, setting, policy):
+    """ENGINE_SCHED_IDLE: the engine thread and the OpenMP workers it starts run under SCHED_IDLE (by default)."""
+    if setting is None:
+        monkeypatch.delenv("ENGINE_SCHED_IDLE", raising=False)
+    else:
+        monkeypatch.setenv("ENGINE_SCHED_IDLE", setting)
+    with Engine(checkpoints["gemma3"], max_batch_size=1, max_seq_len=64) as engine:
+        before = set(os.listdir("/proc/self/task"))
+        assert generate(engine, prompt(20), greedy(3)).num_output_tokens == 3  # its workers start here
+        started = set(os.listdir("/proc/self/task")) - before
+        assert os.sched_getscheduler(engine._thread.native_id) == policy
+        if torch.get_num_threads() > 1:
+            assert started and all(os.sched_getscheduler(int(tid)) == policy for tid in started)
