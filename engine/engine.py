@@ -48,7 +48,7 @@ def _yield_cores_to_other_processes() -> None:
     The engine keeps both cores busy, while Triton, pre- and postprocessing and the adapter each wake for a
     moment per response. At normal priority a waking process may wait out a scheduler slice (milliseconds)
     behind a decode thread, at every hop; under SCHED_IDLE it takes a core at once. A first token reached the
-    client ~7 ms sooner this way (8-token prompts, 2 cores) and tokens/s stayed the same at 1 and 16 streams.
+    client 5-7 ms sooner this way (8-token prompts, 2 cores) and tokens/s stayed the same at 1 and 16 streams.
     The cost: the engine gets only the CPU time nothing else of the same session (or container) wants.
     """
     if os.environ.get("ENGINE_SCHED_IDLE", "1") == "0" or not hasattr(os, "SCHED_IDLE"):
