@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from . import int8_weights, kernels, sampling, vocab_screen
 from .config import FULL, SLIDING, ModelConfig, RopeConfig
+from .fused_decode import FusedDecode
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ class Decoder:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.logits_out = torch.empty(0)
+        self.fused: FusedDecode | None = None  # set by allocate_cache where it applies
 
     @classmethod
     def from_dir(cls, checkpoint_dir: str | Path, dtype=torch.float32, screen_vocab: bool = True) -> "Decoder":
@@ -285,6 +287,7 @@ class Decoder:
         # Reused by every step: a fresh [rows, vocab] result would page-fault its megabytes in each time.
         self.logits_out = torch.empty(slots, c.vocab_size)
         self.rope = {t: rope_tables(c.rope[t], c.head_dim, max_seq_len, self.dtype) for t in (FULL, SLIDING)}
+        self.fused = FusedDecode.build(self, slots)
 
     # ---- public forward passes -------------------------------------------------------------------
 
@@ -335,6 +338,8 @@ class Decoder:
         """One step for cache slots `0..n-1`: `tokens[i]` goes to position `positions[i]` of slot i. Returns the
         final hidden states `[n, hidden]` (for `logits` or `greedy`). Slots whose results are discarded still
         write their cache row: give them a position at or below the batch maximum."""
+        if self.fused is not None:
+            return self._final_norm(self.fused(self._embed(tokens), positions))
         n = tokens.shape[0]
         c = self.config
         flat_rows = self._cache_rows(torch.arange(n), positions)
@@ -391,14 +396,16 @@ class Decoder:
         heads = torch.arange(self.config.num_kv_heads)
         return ((slots[:, None] * len(heads) + heads) * self.max_seq_len + positions[:, None]).reshape(-1)
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(tokens, self.embed)
+        return x if self.embed_scale is None else x * self.embed_scale
+
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         c = self.config
         gemma = c.is_gemma
         eps = c.rms_norm_eps
         B, T = tokens.shape
-        x = F.embedding(tokens, self.embed)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
+        x = self._embed(tokens)
         ropes = {t: (cos[positions], sin[positions]) for t, (cos, sin) in self.rope.items()}  # [B, T, D] each
         H, KV, D = c.num_heads, c.num_kv_heads, c.head_dim
         for li, layer in enumerate(self.layers):

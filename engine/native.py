@@ -67,14 +67,17 @@ def _openmp_flags() -> list[str]:
 
 
 @functools.cache
-def _library(name: str) -> ctypes.CDLL | None:
-    """`csrc/<name>.c` compiled and loaded, or None where it cannot be (logged)."""
+def _library(name: str, linked: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """`csrc/<name>.c`, with the kernels `linked` that it calls, compiled and loaded, or None where it cannot be
+    (logged)."""
     if not cpu_supported():
         return None
-    source = _SOURCES / f"{name}.c"
-    command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(source), "-lm", *_openmp_flags()]
+    sources = [_SOURCES / f"{n}.c" for n in (name, *linked)]
+    command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *map(str, sources), "-lm",
+               *_openmp_flags()]
     headers = b"".join(h.read_bytes() for h in sorted(_SOURCES.glob("*.h")))  # what the sources may include
-    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(command).encode()).hexdigest()[:16]
+    code = b"".join(source.read_bytes() for source in sources)
+    digest = hashlib.sha256(code + headers + " ".join(command).encode()).hexdigest()[:16]
     for folder in _cache_dirs():
         path = folder / f"{name}-{digest}.so"
         try:
@@ -96,9 +99,10 @@ def _library(name: str) -> ctypes.CDLL | None:
     return None
 
 
-def function(name: str, restype, argtypes: list) -> ctypes._CFuncPtr | None:
-    """The C function `name` of `csrc/<name>.c`, typed, or None where the kernel cannot be built."""
-    library = _library(name)
+def function(name: str, restype, argtypes: list, linked: tuple[str, ...] = ()) -> ctypes._CFuncPtr | None:
+    """The C function `name` of `csrc/<name>.c` (linked with the kernels `linked`), typed, or None where the
+    kernel cannot be built."""
+    library = _library(name, linked)
     if library is None:
         return None
     kernel = getattr(library, name)

@@ -134,3 +134,28 @@ def test_the_model_decodes_the_same_with_and_without_the_kernels(arch, tmp_path,
     assert torch.equal(native_tokens, aten_tokens)
     for a, b in zip(native_hidden, aten_hidden):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_fused_decode_step_gives_the_per_op_steps_hidden_states_to_the_bit(arch, tmp_path):
+    model = Decoder.from_dir(make_tiny_checkpoint(arch, tmp_path / arch, vocab_size=512, int8=True))
+    model.allocate_cache(3, 64)
+    assert model.fused is not None, "int8 projections and the kernels: the fused step applies"
+    fused = model.fused
+    prompts = [torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 12, 20)]
+
+    def run(step) -> list[torch.Tensor]:
+        model.fused = step
+        with torch.inference_mode():
+            hidden = [model.prefill([0, 1, 2], prompts)]
+            tokens, positions = model.greedy(hidden[0]), torch.tensor([5, 12, 20])
+            for _ in range(20):  # past the tiny Gemma's sliding window of 8
+                hidden.append(model.decode(tokens, positions))
+                tokens, positions = model.greedy(hidden[-1]), positions + 1
+        return hidden
+
+    per_op, one_call = run(None), run(fused)
+    for a, b in zip(per_op, one_call):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError):  # checked before any cache row is written
+        fused(torch.zeros(1, model.config.hidden_size), torch.tensor([64]))
