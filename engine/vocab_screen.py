@@ -10,10 +10,8 @@ beats or equals.
 Bound, with `x` the row and `w_j` a vocabulary row, both after the per-channel migration below, and
 `~` the quantized values:
     |w_j.x - ~w_j.~x| <= |x|_1 * s_j / 2  +  |x - ~x|_2 * |~w_j|_2
-where `s_j` is row j's weight step (rounding error <= s_j / 2 per weight). On the default model, over 640
-rows of a real decode, 21 of 262,144 tokens per row need rescoring (median; 90th percentile 52, at most 367).
-The activations are 6-bit, so that the int8 product adds four products in int16 (csrc/int8_screen.c: at 16 /
-32 rows 16% / 20% faster than with 7-bit activations); 7-bit ones gave 2 / 5 / 24 candidates.
+where `s_j` is row j's weight step (rounding error <= s_j / 2 per weight). On the default model about 200
+of 262,144 tokens per row need rescoring (median; a few thousand at worst).
 
 The hidden state is the final RMSNorm's output, whose scale `gamma` gives a few channels 10-300x the
 others. Scaling the weights' channels by `gamma ** 0.25` and the row's by its inverse (SmoothQuant's
@@ -28,11 +26,13 @@ import torch
 
 from . import kernels, native, sampling
 
-# The u8 x s8 products are added in int16 before they are widened (csrc/int8_screen.c adds four, fbgemm two):
-# 6-bit activations keep 8-bit weights from overflowing that. Rows are scaled to max |x| = 1, so one fixed step
-# and zero point serve every row and no row's quantization depends on its batch neighbours.
-_ZERO_POINT = 31
-_MAX_ACTIVATION = 63
+# fbgemm's u8 x s8 kernel adds pairs of products in int16: 7-bit activations keep 8-bit weights from
+# saturating it. Rows are scaled to max |x| = 1, so one fixed step and zero point serve every row and no
+# row's quantization depends on its batch neighbours.
+# (6-bit activations would let csrc/int8_screen.c add two pairs in int16 before widening: its product 16-20%
+# faster at 16-32 rows. But the looser bound admits ~10x the candidates: after "The capital of France is",
+# per row median 30 -> 341, 90th percentile 128 -> 2,807, at most 765 -> 11,787; a one-row step got slower.)
+_ZERO_POINT = 63
 _STEP = 1 / _ZERO_POINT
 _MIGRATION = 0.25
 # Headroom for fp32 rounding in the scores, the bound and the fp32 rescoring (all below 1e-3 relative).
@@ -97,7 +97,7 @@ class VocabScreen:
             quantized_norm[start : start + _BUILD_ROWS] = torch.linalg.vector_norm(rows, dim=1) * rows_step
         self.half_step = step / 2
         self.quantized_norm = quantized_norm  # |~w_j|_2
-        self.native = _native() and vocab % 16 == 0 and hidden % 8 == 0
+        self.native = _native() and vocab % 16 == 0 and hidden % 4 == 0
         if self.native:  # csrc/int8_screen.c's layout: [vocab / 16][hidden / 4][16][4]
             self.row_sum = quantized.sum(1, dtype=torch.int32)
             self.score_scale = step * _STEP
@@ -153,7 +153,7 @@ class VocabScreen:
         x = h * self.inverse_migration
         peak = x.abs().amax(1).clamp_(min=torch.finfo(torch.float32).tiny)
         x /= peak[:, None]
-        return x, peak, torch.round(x / _STEP).clamp_(-_ZERO_POINT, _MAX_ACTIVATION - _ZERO_POINT)
+        return x, peak, torch.round(x / _STEP).clamp_(-_ZERO_POINT, 127 - _ZERO_POINT)
 
     def _block_maxima(self, scores: torch.Tensor, l1: torch.Tensor, error: torch.Tensor):
         """Per row and block, the largest score and the largest upper bound `score + l1 * s_j / 2 + error *

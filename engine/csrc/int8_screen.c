@@ -1,13 +1,11 @@
-// The vocabulary screen's int8 product (engine/vocab_screen.py): for u8 activations xq (6-bit values, zero
+// The vocabulary screen's int8 product (engine/vocab_screen.py): for u8 activations xq (7-bit values, zero
 // point `zero`) and s8 weights wq with a scale per output row,
 //     out[m][n] = (sum_k xq[m][k] * wq[n][k] - zero * sum_k wq[n][k]) * scale[n]
 // with the integer sum exact (int32), then one fp32 rounding in the conversion and one in the product.
 //
 // Weight layout (pack order): [N / 16][K / 4][16][4] bytes, so that one 32-byte load holds 4 consecutive inputs
-// of 8 outputs. vpmaddubsw multiplies them by 4 broadcast activations and adds pairs into int16; the pairs of
-// two such steps (8 inputs) are added in int16 too, at most 4 * 63 * 127 = 32004: 6-bit activations never
-// overflow it. vpmaddwd against ones then adds the pairs into int32: one vpmaddwd per 8 inputs, not per 4,
-// since the multiply units bound this loop (at 16 rows 27.2 -> 22.9 ms, at 32 53.5 -> 43.0, interleaved).
+// of 8 outputs. vpmaddubsw multiplies them by 4 broadcast activations and adds pairs into int16 (at most
+// 2 * 127 * 127: 7-bit activations never saturate it), vpmaddwd against ones adds the pairs into int32.
 // Each block of 16 outputs (10 KB at K = 640) stays in L1 while every tile of 4 rows passes over it.
 #include <immintrin.h>
 #include <stdint.h>
@@ -21,22 +19,17 @@ static inline __attribute__((always_inline)) void tile(int mt, const uint8_t *x,
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     __m256i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (int k = 0; k < k_in; k += 8) {
+    for (int k = 0; k < k_in; k += 4) {
         const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + (size_t)k * NB));
         const __m256i w1 = _mm256_load_si256((const __m256i *)(wb + (size_t)k * NB + 32));
-        const __m256i w2 = _mm256_load_si256((const __m256i *)(wb + (size_t)k * NB + 64));
-        const __m256i w3 = _mm256_load_si256((const __m256i *)(wb + (size_t)k * NB + 96));
-#define PAIRS(xa, xb, wa, wb) _mm256_add_epi16(_mm256_maddubs_epi16(xa, wa), _mm256_maddubs_epi16(xb, wb))
-#define STEP(r)                                                                                 \
-        if (mt > r) {                                                                           \
-            const int32_t *xr = (const int32_t *)(x + (size_t)r * k_in + k);                    \
-            const __m256i xa = _mm256_set1_epi32(xr[0]), xb = _mm256_set1_epi32(xr[1]);         \
-            a##r = _mm256_add_epi32(a##r, _mm256_madd_epi16(PAIRS(xa, xb, w0, w2), ones));      \
-            b##r = _mm256_add_epi32(b##r, _mm256_madd_epi16(PAIRS(xa, xb, w1, w3), ones));      \
+#define STEP(r)                                                                                   \
+        if (mt > r) {                                                                             \
+            const __m256i xv = _mm256_set1_epi32(*(const int32_t *)(x + (size_t)r * k_in + k));   \
+            a##r = _mm256_add_epi32(a##r, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones)); \
+            b##r = _mm256_add_epi32(b##r, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones)); \
         }
         STEP(0) STEP(1) STEP(2) STEP(3)
 #undef STEP
-#undef PAIRS
     }
     const __m256i zv = _mm256_set1_epi32(zero);
     const __m256i z0 = _mm256_mullo_epi32(zv, _mm256_loadu_si256((const __m256i *)row_sum));
@@ -63,11 +56,11 @@ static void tile_rows(int mt, const uint8_t *x, int k_in, const int8_t *wb, cons
     }
 }
 
-// x [m][k_in] u8 of at most 63, rows k_in bytes apart (k_in a multiple of 8); w packed as above (n_out a multiple of 16),
+// x [m][k_in] u8, rows k_in bytes apart (k_in a multiple of 4); w packed as above (n_out a multiple of 16),
 // 32-byte aligned; row_sum [n_out] = sum_k wq[n][k]; out [m][n_out].
 int int8_screen(const uint8_t *x, int m, int k_in, int n_out, const int8_t *w, const int32_t *row_sum,
                 const float *scale, int zero, float *out) {
-    if (m < 1 || k_in % 8 || n_out % NB || ((uintptr_t)w & 31)) return 1;
+    if (m < 1 || k_in % 4 || n_out % NB || ((uintptr_t)w & 31)) return 1;
 #pragma omp parallel for schedule(static)
     for (int nb = 0; nb < n_out / NB; nb++) {
         const int8_t *wb = w + (size_t)nb * k_in * NB;
