@@ -88,9 +88,7 @@ class FusedDecode:
     def build(cls, model, slots: int) -> FusedDecode | None:
         c = model.config
         applies = (
-            kernels.enabled() and _kernel() is not None and model.dtype == torch.float32
-            and c.hidden_act in kernels.GATED_ACTIVATIONS
-            and c.num_heads // c.num_kv_heads <= kernels.MAX_ATTENTION_GROUP
+            model.native_decode_attention() and _kernel() is not None and c.hidden_act in kernels.GATED_ACTIVATIONS
             and all(isinstance(w, int8_weights.Int8Linear)
                     for layer in model.layers for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w))
         )

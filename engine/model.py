@@ -334,6 +334,12 @@ class Decoder:
         h = self._run(torch.cat(prompts)[None, :], pos[None, :], attend)
         return self._final_norm(h[0, ends - 1])
 
+    def native_decode_attention(self) -> bool:
+        """Whether decode steps attend with kernels.decode_attention (the per-op path and the fused step alike)."""
+        c = self.config
+        return (self.dtype == torch.float32 and c.num_heads // c.num_kv_heads <= kernels.MAX_ATTENTION_GROUP
+                and kernels.enabled())
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for cache slots `0..n-1`: `tokens[i]` goes to position `positions[i]` of slot i. Returns the
         final hidden states `[n, hidden]` (for `logits` or `greedy`). Slots whose results are discarded still
@@ -343,8 +349,7 @@ class Decoder:
         n = tokens.shape[0]
         c = self.config
         flat_rows = self._cache_rows(torch.arange(n), positions)
-        native = (self.dtype == torch.float32 and c.num_heads // c.num_kv_heads <= kernels.MAX_ATTENTION_GROUP
-                  and kernels.enabled())
+        native = self.native_decode_attention()
         if not native:
             length = int(positions.max()) + 1
             keys = torch.arange(length)[None, :]
