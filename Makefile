@@ -43,6 +43,7 @@ bench: model aiperf
 	$(PY) -m bench.serve_load
 	$(PY) -m bench.relay
 	$(PY) -m bench.aiperf_load
+	$(PY) -m bench.prefix_reuse
 
 clean:
 	rm -rf $(CACHE)/run

@@ -48,6 +48,7 @@ class EngineChunk:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last response, else None
     stop_reason: str | None = None  # the stop string or end token id (as text) that ended it
     num_input_tokens: int | None = None
+    num_cached_tokens: int | None = None  # of the prompt, taken from the engine's KV cache; on the last response
     num_output_tokens: int | None = None  # cumulative
     cum_log_prob: float | None = None
 
@@ -73,6 +74,7 @@ class EngineChunk:
             finish_reason=latest("finish_reason"),
             stop_reason=latest("stop_reason"),
             num_input_tokens=latest("num_input_tokens"),
+            num_cached_tokens=latest("num_cached_tokens"),
             num_output_tokens=latest("num_output_tokens"),
             cum_log_prob=latest("cum_log_prob"),
         )

@@ -60,6 +60,7 @@ class RequestProgress:
 
     params: GenerationParams
     prompt_tokens: int = 0
+    cached_tokens: int | None = None  # None: the engine did not say
     completion_tokens: int = 0
     engine_finish_reason: str | None = None
     engine_stop_reason: str | None = None
@@ -74,6 +75,8 @@ class RequestProgress:
             self.cum_log_prob = chunk.cum_log_prob
         if chunk.num_input_tokens is not None:
             self.prompt_tokens = chunk.num_input_tokens
+        if chunk.num_cached_tokens is not None:
+            self.cached_tokens = chunk.num_cached_tokens
         if chunk.num_output_tokens is not None:
             self.completion_tokens = chunk.num_output_tokens
         else:
@@ -101,7 +104,7 @@ class RequestProgress:
         return None
 
     def usage(self) -> UsageInfo:
-        return UsageInfo.of(self.prompt_tokens, self.completion_tokens)
+        return UsageInfo.of(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 async def first_chunk(stream: AsyncIterator[EngineChunk]) -> EngineChunk | None:
@@ -257,18 +260,21 @@ class Generation:
 
     def usage(self) -> UsageInfo:
         """OpenAI's: each prompt counted once, the tokens of every sampled sequence (best_of's too)."""
-        return UsageInfo.of(self._prompt_tokens(), sum(p.completion_tokens for p in self.progress))
+        firsts = self._first_of_each_prompt()
+        cached = [p.cached_tokens for p in firsts]
+        return UsageInfo.of(sum(p.prompt_tokens for p in firsts), sum(p.completion_tokens for p in self.progress),
+                            None if None in cached else sum(cached))
 
-    def _prompt_tokens(self) -> int:
+    def _first_of_each_prompt(self) -> list[RequestProgress]:
         firsts = {}
         for s, p in zip(self.sequences, self.progress):
-            firsts.setdefault(s.prompt_index, p.prompt_tokens)
-        return sum(firsts.values())
+            firsts.setdefault(s.prompt_index, p)
+        return list(firsts.values())
 
     def _record(self) -> None:
         if self.metrics is None:
             return
-        self.metrics.observe_prompt(self._prompt_tokens())
+        self.metrics.observe_prompt(sum(p.prompt_tokens for p in self._first_of_each_prompt()))
         for s, p in zip(self.sequences, self.progress):
             # Time to first token is recorded for streamed requests: only their clients see a first token.
             first = p.first_token_at - self.started_at if p.first_token_at is not None and s.params.stream else None

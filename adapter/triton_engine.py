@@ -92,7 +92,8 @@ def ensemble_inputs(prompt: str | list[int], params: GenerationParams) -> Tensor
     return tensors
 
 
-_OUTPUTS = ("text_output", "output_token_ids", "finish_reason", "stop_reason", "num_input_tokens", "num_output_tokens")
+_OUTPUTS = ("text_output", "output_token_ids", "finish_reason", "stop_reason", "num_input_tokens", "num_cached_tokens",
+            "num_output_tokens")
 _LOG_PROB_OUTPUTS = ("cum_log_probs", "output_log_probs", "top_logprob_ids", "top_logprob_values")
 
 
@@ -171,6 +172,7 @@ def parse_outputs(result: InferResult) -> EngineChunk:
         finish_reason=_first_str(result.as_numpy("finish_reason")) or None,
         stop_reason=_first_str(result.as_numpy("stop_reason")) or None,
         num_input_tokens=_first_int(result.as_numpy("num_input_tokens")),
+        num_cached_tokens=_first_int(result.as_numpy("num_cached_tokens")),
         num_output_tokens=_first_int(result.as_numpy("num_output_tokens")),
         cum_log_prob=float(cum.reshape(-1)[0]) if cum is not None and cum.size else None,
     )

@@ -28,6 +28,7 @@ class RepositorySettings:
     dtype: str = "float32"
     num_threads: int = 0  # 0: torch's default
     stream_interval: int = 0  # engine steps between streamed responses (TensorRT-LLM's); 0: auto on cpu, 1 on gpu
+    kv_cache_reuse: bool = True  # cpu: prompts skip the prefill of what a cache slot already holds
     engine_kind: str = "cpu"  # "synthetic": no model, tokens instantly; for benchmarking the stack only
     engine_dir: Path | None = None  # gpu: the built TensorRT-LLM engine
     triton_max_batch_size: int = 64
@@ -43,6 +44,7 @@ class RepositorySettings:
                 "dtype": self.dtype,
                 "num_threads": str(self.num_threads),
                 "stream_interval": str(self.stream_interval),
+                "enable_kv_cache_reuse": str(self.kv_cache_reuse).lower(),  # TensorRT-LLM's parameter name
                 "engine_kind": self.engine_kind,
             }
         if self.target == "gpu":

@@ -40,6 +40,7 @@ def merge_outputs(outputs: list[GenerationOutput]) -> GenerationOutput:
         finish_reason=last.finish_reason,
         stop_reason=last.stop_reason,
         num_input_tokens=last.num_input_tokens,
+        num_cached_tokens=last.num_cached_tokens,
         num_output_tokens=last.num_output_tokens,
         cum_log_prob=last.cum_log_prob,
         error=last.error,

@@ -291,14 +291,17 @@ class Decoder:
 
     # ---- public forward passes -------------------------------------------------------------------
 
-    def prefill(self, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+    def prefill(self, slots: list[int], prompts: list[torch.Tensor], starts: list[int] | None = None) -> torch.Tensor:
         """Run prompts (`[T_i]` token ids) into cache slots `slots`, packed into one sequence; return the final
-        hidden states `[len(prompts), hidden]` of each prompt's last position (for `logits` or `greedy`)."""
+        hidden states `[len(prompts), hidden]` of each prompt's last position (for `logits` or `greedy`).
+        Prompt i goes to positions `starts[i]` onwards (default 0) and attends to what its slot holds before
+        them: a prefix whose keys and values are already cached."""
         c = self.config
+        starts = starts or [0] * len(prompts)
         lengths = torch.tensor([p.shape[0] for p in prompts])
         ends = lengths.cumsum(0)
         seg = torch.repeat_interleave(torch.arange(len(prompts)), lengths)  # prompt of each token
-        pos = torch.arange(int(ends[-1])) - (ends - lengths)[seg]
+        pos = torch.arange(int(ends[-1])) - (ends - lengths)[seg] + torch.tensor(starts)[seg]
         spans = [(int(end - n), int(end)) for n, end in zip(lengths, ends)]
         # Each prompt attends to itself alone: one causal product per prompt, rather than one over the packed
         # sequence with a block-diagonal mask, which computed every prompt against every other (a 4 x 128-token
@@ -318,7 +321,10 @@ class Decoder:
             self.v_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, v.reshape(-1, c.head_dim))
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             outs = []
-            for start, end in spans:
+            for slot, cached, (start, end) in zip(slots, starts, spans):
+                if cached:  # a cached prefix: attend over the slot's keys, fresh ones included
+                    outs.append(self._attend_after_prefix(li, layer, q[:, :, start:end], slot, cached))
+                    continue
                 mask = bands.get(end - start) if layer.sliding else None
                 outs.append(F.scaled_dot_product_attention(
                     q[:, :, start:end],
@@ -333,6 +339,29 @@ class Decoder:
 
         h = self._run(torch.cat(prompts)[None, :], pos[None, :], attend)
         return self._final_norm(h[0, ends - 1])
+
+    def _attend_after_prefix(self, li: int, layer: Layer, q: torch.Tensor, slot: int, cached: int) -> torch.Tensor:
+        """Prefill attention of `q [1, H, S, D]` at positions cached..cached+S-1 of `slot`, whose keys and
+        values up to there are in the cache."""
+        c = self.config
+        length = cached + q.shape[2]
+        window = c.sliding_window if layer.sliding else 0
+        first = max(0, cached - window + 1) if window else 0  # older keys are outside every query's window
+        queries = torch.arange(cached, length)[:, None]
+        keys = torch.arange(first, length)[None, :]
+        return F.scaled_dot_product_attention(
+            q,
+            self.k_cache[li][slot : slot + 1, :, first:length],
+            self.v_cache[li][slot : slot + 1, :, first:length],
+            attn_mask=_sliding_causal(queries, keys, window) if window else keys <= queries,
+            scale=c.attn_scale,
+            enable_gqa=True,
+        )
+
+    def copy_cache_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy positions 0..length-1 of cache slot `source` to slot `target`, in every layer."""
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[target, :, :length].copy_(cache[source, :, :length])
 
     def native_decode_attention(self) -> bool:
         """Whether decode steps attend with kernels.decode_attention (the per-op path and the fused step alike)."""

@@ -44,6 +44,7 @@ class LaunchSettings(BaseSettings):
     engine_dtype: str = "float32"
     engine_num_threads: int = 0
     engine_stream_interval: int = 0  # 0: auto (engine.engine.AUTO_STREAMS_PER_STEP)
+    nim_enable_kv_cache_reuse: bool = True  # prompts skip the prefill of what a cache slot holds (prefix_cache.py)
     engine_kind: str = "cpu"  # "synthetic" only for benchmarking the serving stack
     triton_ready_timeout_s: float = 600.0
 
@@ -123,6 +124,7 @@ def main() -> None:
             dtype=settings.engine_dtype,
             num_threads=settings.engine_num_threads,
             stream_interval=settings.engine_stream_interval,
+            kv_cache_reuse=settings.nim_enable_kv_cache_reuse,
             engine_kind=settings.engine_kind,
         ),
         work_dir / "model_repository",

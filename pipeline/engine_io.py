@@ -105,6 +105,7 @@ def response_tensors(request: EngineRequest, output: GenerationOutput) -> Tensor
     if output.finished:
         tensors["finish_reason"] = string_tensor(output.finish_reason or "")
         tensors["stop_reason"] = string_tensor(stop_reason_text(output.stop_reason))
+        tensors["num_cached_tokens"] = int_tensor(output.num_cached_tokens)
     return tensors
 
 

@@ -17,7 +17,9 @@ from pipeline.tensors import Tensors, int_tensor, scalar, string_tensor
 from tokenization.postprocess import StreamDecoder
 from tokenization.tokenizer import Tokenizer
 
-_LOG_PROB_OUTPUTS = (
+# Engine outputs passed on unchanged when the engine sent them.
+_PASSED_ON = (
+    ("NUM_CACHED_TOKENS", "OUT_NUM_CACHED_TOKENS"),
     ("CUM_LOG_PROBS", "OUT_CUM_LOG_PROBS"),
     ("OUTPUT_LOG_PROBS", "OUT_OUTPUT_LOG_PROBS"),
     ("TOP_LOGPROB_IDS", "OUT_TOP_LOGPROB_IDS"),
@@ -81,12 +83,12 @@ class Postprocessor:
             "OUT_NUM_INPUT_TOKENS": int_tensor(scalar(inputs, "NUM_INPUT_TOKENS", 0)),
             "OUT_NUM_OUTPUT_TOKENS": int_tensor(scalar(inputs, "NUM_OUTPUT_TOKENS", 0)),
         }
-        # Only what the engine sent on (log probabilities when asked for, reasons on the last response): each
-        # tensor is copied again by Triton and sent over gRPC with every streamed token.
+        # Only what the engine sent on (log probabilities when asked for, reasons and the cached prompt tokens on
+        # the last response): each tensor is copied again by Triton and sent over gRPC with every streamed token.
         if finish_reason:
             outputs["OUT_FINISH_REASON"] = string_tensor(finish_reason)
             outputs["OUT_STOP_REASON"] = string_tensor(stop_reason)
-        for source, target in _LOG_PROB_OUTPUTS:
+        for source, target in _PASSED_ON:
             if source in inputs:
                 outputs[target] = inputs[source]
         return outputs

@@ -174,6 +174,26 @@ def test_packed_prefill_matches_one_prompt_at_a_time(arch, checkpoints):
         torch.testing.assert_close(step[:3], step[3:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prefill_after_a_cached_prefix_matches_prefilling_the_whole_prompt(arch, weights, request):
+    checkpoints, _ = checkpoints_and_engines(request, weights)
+    model = Decoder.from_dir(checkpoints[arch])
+    model.allocate_cache(4, 64)
+    whole = torch.tensor(prompt(30, seed=3))  # past Gemma's window of 8 on both sides of the split
+    with torch.inference_mode():
+        reference = model.logits(model.prefill([0], [whole])).clone()
+        model.prefill([1], [whole[:20]])
+        continued = model.logits(model.prefill([1], [whole[20:]], [20])).clone()
+        model.copy_cache_prefix(1, 2, 25)  # slot 2: only the first 25 positions, packed with a whole prompt
+        packed = model.logits(model.prefill([3, 2], [whole, whole[25:]], [0, 25])).clone()
+    torch.testing.assert_close(continued, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, reference.expand(2, -1), atol=1e-5, rtol=1e-5)
+    for cache in (*model.k_cache, *model.v_cache):
+        for slot in (1, 2, 3):
+            torch.testing.assert_close(cache[slot, :, :30], cache[0, :, :30], atol=1e-5, rtol=1e-5)
+
+
 def staggered(engine, jobs, join_after: int = 3) -> dict[str, GenerationOutput]:
     """Run jobs so that job i+1 is submitted from job i's callback after `join_after` tokens each,
     so requests join a running batch at different decode steps."""
@@ -485,6 +505,68 @@ def test_step_exception_fails_requests_and_loop_survives(small_engine, monkeypat
 def test_length_limit_reached_at_max_seq_len(small_engine):
     out = generate(small_engine, prompt(54), greedy(10))
     assert out.finish_reason == "length" and out.num_output_tokens == 10
+
+
+# ---- KV cache reuse ---------------------------------------------------------------------------------
+
+
+def reused(engine) -> int:
+    return engine.stats()["reused_prompt_tokens"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_chats_next_turns_reuse_the_cache_and_give_the_tokens_of_a_whole_prefill(arch, checkpoints):
+    with Engine(checkpoints[arch], max_batch_size=2, max_seq_len=128) as engine, \
+            Engine(checkpoints[arch], max_batch_size=2, max_seq_len=128, kv_cache_reuse=False) as plain:
+        turn = prompt(30, seed=1)
+        answer = generate(engine, turn, greedy(10)).token_ids
+        assert answer == generate(plain, turn, greedy(10)).token_ids and reused(engine) == 0
+        for i in range(2):
+            turn = turn + answer + prompt(5, seed=10 + i)
+            before = reused(engine)
+            answer = generate(engine, turn, greedy(10)).token_ids
+            # all of the previous turn but its last token, which was generated and never fed back
+            assert reused(engine) - before == len(turn) - 5 - 1
+            assert answer == generate(plain, turn, greedy(10)).token_ids
+            # Another conversation takes slot 0: this one's cache moves to the free slot 1 first, and the next
+            # turn copies it back.
+            generate(engine, prompt(20, seed=20 + i), greedy(3))
+        assert reused(plain) == 0
+
+
+def test_concurrent_prompts_share_a_running_requests_prefix_and_idle_slots_keep_theirs(gemma):
+    system = prompt(24, seed=5)
+    jobs = [(f"shared-{i}", system + prompt(4 + i, seed=30 + i), greedy(8 + 2 * i)) for i in range(4)]
+    alone = {rid: generate(gemma, ids, p).token_ids for rid, ids, p in jobs}
+    before = reused(gemma)
+    together = staggered(gemma, jobs)  # each joins while the previous one runs
+    assert {rid: o.token_ids for rid, o in together.items()} == alone
+    assert reused(gemma) - before >= 4 * len(system)
+
+
+def test_a_free_slot_that_rides_along_in_decode_steps_reuses_only_what_they_left_intact(checkpoints):
+    # Free slots below a running one ride along in its decode steps and write a row at its position: slot 0
+    # keeps only its first ~10 positions of the 43 it held.
+    with Engine(checkpoints["gemma3"], max_batch_size=3, max_seq_len=128, stream_interval=1) as engine, \
+            Engine(checkpoints["gemma3"], max_batch_size=3, max_seq_len=128, kv_cache_reuse=False) as plain:
+        first, other, long = prompt(40, seed=7), prompt(6, seed=8), prompt(6, seed=9)
+        done, lock, outputs = threading.Event(), threading.Lock(), {}
+
+        def on_output(output):
+            with lock:
+                outputs.setdefault(output.request_id, []).append(output)
+            if output.finished and output.request_id == "first":
+                done.set()
+
+        for rid, ids, n in (("first", first, 3), ("other", other, 2), ("long", long, 60)):
+            engine.submit(rid, ids, greedy(n), on_output)
+        assert done.wait(30)
+        answer = merge(outputs["first"]).token_ids
+        follow_up = first + answer + prompt(4, seed=11)
+        out = generate(engine, follow_up, greedy(6))
+        assert not merge(outputs["long"]).finished, "the long request must still be running"
+        assert 0 < reused(engine) < len(first) + len(answer) - 1
+        assert out.token_ids == generate(plain, follow_up, greedy(6)).token_ids
 
 
 # ---- config parsing --------------------------------------------------------------------------------

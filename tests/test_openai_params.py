@@ -237,6 +237,20 @@ def test_completion_logprobs_shape(client, model):
         assert all(v <= 0 for v in top.values())
 
 
+# --- KV cache reuse -----------------------------------------------------------------------------------------
+
+
+def test_a_chats_next_turn_reports_its_history_as_cached_prompt_tokens(client, model):
+    first = chat(client, model, max_tokens=6, temperature=0)
+    history = USER + [{"role": "assistant", "content": first.choices[0].message.content}]
+    second = chat(client, model, messages=history + [{"role": "user", "content": "And in Spain?"}], max_tokens=6,
+                  temperature=0)
+    # The first turn's prompt is the start of the second's; its last token ("\n" after the model's turn marker)
+    # may merge with what the answer starts with.
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
 # --- n and best_of ------------------------------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ class TritonPythonModel:
                 dtype=getattr(torch, p["dtype"]),
                 num_threads=int(p["num_threads"]) or None,
                 stream_interval=int(p["stream_interval"]),
+                kv_cache_reuse=p["enable_kv_cache_reuse"] == "true",
             )
         # Responses are built and sent off the engine thread, coalesced while sending lags.
         self.relay = OutputRelay(self._send)
