@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve_load import bench_cache, exact_prompt, write_results
+from bench.serve_load import Prompts, bench_cache, write_results
 
 OUTPUT_TOKENS = 8
 
@@ -42,10 +42,10 @@ def role(command: str) -> str:
     return command[:40]
 
 
-async def fill(url: str, model: str, prompt: list[int], concurrency: int) -> None:
+async def fill(url: str, model: str, prompts: Prompts, concurrency: int) -> None:
     async with httpx.AsyncClient(timeout=None) as client:
         async def one():
-            body = {"model": model, "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "temperature": 0,
+            body = {"model": model, "prompt": prompts.take(), "max_tokens": OUTPUT_TOKENS, "temperature": 0,
                     "ignore_eos": True}
             reply = await client.post(f"{url}/completions", json=body)
             reply.raise_for_status()
@@ -64,7 +64,7 @@ def main() -> None:
     from launcher.stack_process import descendants, start_stack, stop_stack
 
     model_dir = ensure_default_model().resolve()
-    prompt = exact_prompt(model_dir, args.context - OUTPUT_TOKENS)
+    prompts = Prompts(model_dir, args.context - OUTPUT_TOKENS)  # different ones: none is copied from the cache
     stack = start_stack(model_dir, bench_cache("bench-memory"), ENGINE_MAX_BATCH_SIZE=str(args.concurrency),
                         ENGINE_MAX_QUEUE_SIZE=str(args.concurrency), NIM_MAX_MODEL_LEN=str(args.context))
     try:
@@ -73,7 +73,7 @@ def main() -> None:
         service = {stack.process.pid} | descendants(stack.process.pid)
         idle = {pid: peak_rss_mib(pid) for pid in service}
         start = time.perf_counter()
-        asyncio.run(fill(url, model, prompt, args.concurrency))
+        asyncio.run(fill(url, model, prompts, args.concurrency))
         seconds = time.perf_counter() - start
         full = {pid: peak_rss_mib(pid) for pid in service}
     finally:

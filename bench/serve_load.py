@@ -4,8 +4,8 @@ measure it, with its baselines in the same run.
     .venv/bin/python -m bench.serve_load [--url http://host:8000/v1] [--concurrency 1 4 16 32]
 
 Without --url it starts the service on the default model (`python -m launcher` on free ports). Each request
-sends a prompt of exactly --input-tokens token ids to /v1/completions with `ignore_eos`, asks for
---output-tokens tokens, and streams. Reported per concurrency: time to first token p50/p99, inter-token
+sends a prompt of its own (`Prompts`: nothing for KV cache reuse to find) of exactly --input-tokens token ids
+to /v1/completions with `ignore_eos`, asks for --output-tokens tokens, and streams. Reported per concurrency: time to first token p50/p99, inter-token
 latency p50, output tokens/s and requests/s. Baselines in the same run: the CPU engine driven in-process on
 the same load (what the adapter and Triton add, at concurrency 1 and 16) and non-streamed requests at
 concurrency 16 (what streaming costs), each run in turn with the stack's streamed run three times and reported
@@ -64,6 +64,33 @@ def summarize(timings: list[RequestTiming], wall: float) -> dict:
     }
 
 
+class Prompts:
+    """Prompts of exactly `length` token ids, each request's different from its first word on: the engine's
+    KV cache reuse then finds nothing to reuse, and every request is prefilled whole, as when users' prompts
+    differ. (A repeated prompt would be prefilled once and copied from the cache after that.)"""
+
+    def __init__(self, model_dir: Path, length: int):
+        from tokenization.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(model_dir)
+        text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * (length // 4 + 4))
+        self._ids = tokenizer.encode(text)[:length]
+        self.length = len(self._ids)
+        self._head = 1 if self._ids[0] == tokenizer.bos_token_id else 0  # where the first word is
+        # Single-token words: the first word of the prompt, a different one per request.
+        self._words = [t for t in range(1000, min(tokenizer.vocab_size, 11000))
+                       if tokenizer.id_to_token_text(t).strip().isalpha()]
+        self._taken = 0
+
+    def take(self) -> list[int]:
+        if self._taken == len(self._words):
+            raise RuntimeError(f"only {len(self._words)} distinct prompts: the benchmark sent them all")
+        ids = list(self._ids)
+        ids[self._head] = self._words[self._taken]
+        self._taken += 1
+        return ids
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_tokens: int,
                       stream: bool) -> RequestTiming:
     body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "ignore_eos": True,
@@ -87,12 +114,13 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
     return RequestTiming((first or end) - start, end - start, tokens)
 
 
-async def run_level(url: str, model: str, prompt: list[int], concurrency: int, output_tokens: int,
+async def run_level(url: str, model: str, prompts: Prompts, concurrency: int, output_tokens: int,
                     stream: bool, rounds: int) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         async def worker():
-            return [await one_request(client, url, model, prompt, output_tokens, stream) for _ in range(rounds)]
+            return [await one_request(client, url, model, prompts.take(), output_tokens, stream)
+                    for _ in range(rounds)]
 
         start = time.perf_counter()
         results = await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -104,7 +132,7 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["output_tok_s"])[len(runs) // 2]
 
 
-def alternating_baselines(url: str, model: str, model_dir: Path, prompt: list[int], levels: list[int],
+def alternating_baselines(url: str, model: str, model_dir: Path, prompts: Prompts, levels: list[int],
                           output_tokens: int, rounds: int) -> dict:
     """At each level, the stack streaming, the stack not streaming (at NON_STREAM_CONCURRENCY) and the engine
     in-process, one after another, BASELINE_PASSES times; each side's median run. On this shared 2-core
@@ -112,20 +140,20 @@ def alternating_baselines(url: str, model: str, model_dir: Path, prompt: list[in
     from engine import Engine
 
     runs: dict[str, list[dict]] = {}
-    context = load_context(len(prompt), output_tokens)
+    context = load_context(prompts.length, output_tokens)
     with Engine(model_dir, max_batch_size=max(levels), max_seq_len=context) as engine:
-        in_process_load(engine, prompt, 2, 8, 1)  # warm-up, as the stack had
+        in_process_load(engine, prompts, 2, 8, 1)  # warm-up, as the stack had
         for _ in range(BASELINE_PASSES):
             for n in levels:
                 for stream in (True, False) if n == NON_STREAM_CONCURRENCY else (True,):
-                    run = run_level(url, model, prompt, n, output_tokens, stream, rounds)
+                    run = run_level(url, model, prompts, n, output_tokens, stream, rounds)
                     runs.setdefault(f"{'stream' if stream else 'non-stream'} c={n}", []).append(asyncio.run(run))
                 runs.setdefault(f"in-process engine c={n}", []).append(
-                    in_process_load(engine, prompt, n, output_tokens, rounds))
+                    in_process_load(engine, prompts, n, output_tokens, rounds))
     return {f"{name}, median of {BASELINE_PASSES}": median_run(results) for name, results in runs.items()}
 
 
-def in_process_load(engine, prompt: list[int], concurrency: int, output_tokens: int, rounds: int) -> dict:
+def in_process_load(engine, prompts: Prompts, concurrency: int, output_tokens: int, rounds: int) -> dict:
     """The same load on the CPU engine with no Triton and no HTTP: the floor the stack is compared with."""
     from engine import SamplingParams
 
@@ -146,6 +174,8 @@ def in_process_load(engine, prompt: list[int], concurrency: int, output_tokens: 
                     done.set()
 
             params = SamplingParams(max_new_tokens=output_tokens, temperature=0.0, streaming=True)
+            with lock:
+                prompt = prompts.take()
             engine.submit(f"bench-{index}-{r}-{uuid.uuid4().hex}", prompt, params, on_output)
             done.wait()
             with lock:
@@ -160,7 +190,7 @@ def in_process_load(engine, prompt: list[int], concurrency: int, output_tokens: 
     return summarize(timings, time.perf_counter() - start)
 
 
-def transformers_continuous_batching(model_dir: Path, prompt: list[int], concurrency: int, output_tokens: int) -> dict:
+def transformers_continuous_batching(model_dir: Path, prompts: Prompts, concurrency: int, output_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -168,7 +198,8 @@ def transformers_continuous_batching(model_dir: Path, prompt: list[int], concurr
     config = GenerationConfig(max_new_tokens=output_tokens, min_new_tokens=output_tokens, do_sample=False,
                               eos_token_id=None)
     start = time.perf_counter()
-    outputs = model.generate_batch(inputs=[prompt] * concurrency, generation_config=config, progress_bar=False)
+    outputs = model.generate_batch(inputs=[prompts.take() for _ in range(concurrency)], generation_config=config,
+                                   progress_bar=False)
     wall = time.perf_counter() - start
     tokens = sum(len(o.generated_tokens) for o in outputs.values())
     return {"requests": concurrency, "output_tok_s": tokens / wall, "requests_s": concurrency / wall}
@@ -218,15 +249,6 @@ def write_results(name: str, lines: list[str], rows: dict) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
 
 
-def exact_prompt(model_dir: Path, length: int) -> list[int]:
-    from tokenization.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_dir(model_dir)
-    text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * (length // 4 + 4))
-    ids = tokenizer.encode(text)
-    return ids[:length]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running service's /v1 URL; default: start one")
@@ -242,7 +264,7 @@ def main() -> None:
     from launcher.stack_process import stop_stack
 
     model_dir = (args.model_dir or ensure_default_model()).resolve()
-    prompt = exact_prompt(model_dir, args.input_tokens)
+    prompts = Prompts(model_dir, args.input_tokens)
     top = max(args.concurrency + [NON_STREAM_CONCURRENCY])
     stack = None
     if args.url:
@@ -253,19 +275,20 @@ def main() -> None:
     model = httpx.get(f"{url}/models").json()["data"][0]["id"]
     rows = {}
     try:
-        asyncio.run(run_level(url, model, prompt, 2, 8, True, 1))  # warm-up
+        asyncio.run(run_level(url, model, prompts, 2, 8, True, 1))  # warm-up
         for n in args.concurrency:
-            rows[f"stream c={n}"] = asyncio.run(run_level(url, model, prompt, n, args.output_tokens, True, args.rounds))
+            rows[f"stream c={n}"] = asyncio.run(run_level(url, model, prompts, n, args.output_tokens, True,
+                                                          args.rounds))
             print(n, rows[f"stream c={n}"], flush=True)
         if not args.skip_baselines:
-            rows.update(alternating_baselines(url, model, model_dir, prompt, BASELINE_LEVELS, args.output_tokens,
+            rows.update(alternating_baselines(url, model, model_dir, prompts, BASELINE_LEVELS, args.output_tokens,
                                               args.rounds))
     finally:
         if stack:
             stop_stack(stack)
     if not args.skip_baselines:
         rows["transformers generate_batch c=16"] = transformers_continuous_batching(
-            model_dir, prompt, 16, args.output_tokens)
+            model_dir, prompts, 16, args.output_tokens)
 
     lines = runs_table(model_dir, args.input_tokens, args.output_tokens, rows)
     # Without its baselines a run is not the README's table: it must not overwrite it.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from bench.serve_load import (bench_cache, exact_prompt, in_process_load, load_context, median_run, run_level,
+from bench.serve_load import (Prompts, bench_cache, in_process_load, load_context, median_run, run_level,
                               runs_table, start_load_stack, write_results)
 
 
@@ -35,26 +35,26 @@ def main() -> None:
     from launcher.stack_process import stop_stack
 
     model_dir = ensure_default_model().resolve()
-    prompt = exact_prompt(model_dir, args.input_tokens)
+    prompts = Prompts(model_dir, args.input_tokens)
     stacks, runs = {}, {}
     in_process = f"in-process engine c={args.concurrency}"
     engine = Engine(model_dir, max_batch_size=args.concurrency,
                     max_seq_len=load_context(args.input_tokens, args.output_tokens))
     try:
-        in_process_load(engine, prompt, 2, 8, 1)  # warm-up, as the stacks have
+        in_process_load(engine, prompts, 2, 8, 1)  # warm-up, as the stacks have
         for interval in args.intervals:
             stack = start_load_stack(model_dir, bench_cache(f"bench-traffic-{interval}"), args.concurrency,
                                      args.input_tokens, args.output_tokens, ENGINE_STREAM_INTERVAL=str(interval))
             stacks[interval] = stack
-            asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompt, 2, 8, True, 1))  # warm-up
+            asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompts, 2, 8, True, 1))  # warm-up
         for _ in range(args.passes):
             for interval, stack in stacks.items():
-                run = asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompt, args.concurrency,
+                run = asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompts, args.concurrency,
                                             args.output_tokens, True, 1))
                 name = f"stream c={args.concurrency}, engine stream_interval {interval or 'auto'}"
                 runs.setdefault(name, []).append(run)
                 print(f"stream_interval {interval}: {run['output_tok_s']:.1f} tok/s", flush=True)
-            run = in_process_load(engine, prompt, args.concurrency, args.output_tokens, 1)
+            run = in_process_load(engine, prompts, args.concurrency, args.output_tokens, 1)
             runs.setdefault(in_process, []).append(run)
             print(f"in-process: {run['output_tok_s']:.1f} tok/s", flush=True)
     finally:
