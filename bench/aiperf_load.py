@@ -48,7 +48,8 @@ def aiperf_command(args: argparse.Namespace, url: str, model: str, model_dir: Pa
             "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{args.output_tokens}",
             "--extra-inputs", "temperature:0", "--use-server-token-count",
             "--concurrency", str(concurrency), "--request-rate", str(PACING_RATE), "--arrival-pattern", "constant",
-            "--request-count", str(requests), "--random-seed", "0",
+            # a seed per level: each level's prompts differ from the last one's, which KV cache reuse would find
+            "--request-count", str(requests), "--random-seed", str(concurrency),
             "--artifact-dir", relative(out_dir), "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry"]
 
 
