@@ -5,6 +5,9 @@
   included. When Triton's endpoint cannot be read, the two are left out of that scrape (a gap, not a lie).
 - `prompt_tokens_total`, `generation_tokens_total` (counters): prompt tokens once per prompt (as `usage`
   counts them), generated tokens of every sampled sequence (best_of's discarded ones too).
+- `prefix_cache_queries_total`, `prefix_cache_hits_total` (counters, vLLM's): the same prompt tokens, and those of
+  them the engine took from its KV cache (`usage.prompt_tokens_details.cached_tokens`); only from an engine that
+  reports them.
 - `time_to_first_token_seconds`, `time_per_output_token_seconds`, `e2e_request_latency_seconds` (histograms),
   `request_success_total{finished_reason}` (counter): one observation per engine sequence (a choice) that ran
   to its end; requests that failed or whose client went away are not counted.
@@ -80,6 +83,10 @@ class Metrics:
         r = self.registry
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("generation_tokens", "Tokens generated.", labels, registry=r)
+        self.prefix_cache_queries = Counter("prefix_cache_queries", "Prompt tokens looked up in the KV cache.",
+                                            labels, registry=r)
+        self.prefix_cache_hits = Counter("prefix_cache_hits", "Prompt tokens found in the KV cache.", labels,
+                                         registry=r)
         self.request_success = Counter("request_success", "Sequences that ran to their end, by finish reason.",
                                        labels + ["finished_reason"], registry=r)
         self.time_to_first_token = Histogram("time_to_first_token_seconds", "Time to the first token.", labels,
@@ -91,8 +98,11 @@ class Metrics:
         self._engine = _EngineGauges(model_name)
         r.register(self._engine)
 
-    def observe_prompt(self, prompt_tokens: int) -> None:
+    def observe_prompt(self, prompt_tokens: int, cached_tokens: int | None) -> None:
         self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        if cached_tokens is not None:
+            self.prefix_cache_queries.labels(self.model_name).inc(prompt_tokens)
+            self.prefix_cache_hits.labels(self.model_name).inc(cached_tokens)
 
     def observe_sequence(self, *, finish_reason: str, output_tokens: int, first_token_s: float | None,
                          e2e_s: float) -> None:

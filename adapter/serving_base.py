@@ -260,21 +260,22 @@ class Generation:
 
     def usage(self) -> UsageInfo:
         """OpenAI's: each prompt counted once, the tokens of every sampled sequence (best_of's too)."""
-        firsts = self._first_of_each_prompt()
-        cached = [p.cached_tokens for p in firsts]
-        return UsageInfo.of(sum(p.prompt_tokens for p in firsts), sum(p.completion_tokens for p in self.progress),
-                            None if None in cached else sum(cached))
+        prompt_tokens, cached_tokens = self._prompt_tokens()
+        return UsageInfo.of(prompt_tokens, sum(p.completion_tokens for p in self.progress), cached_tokens)
 
-    def _first_of_each_prompt(self) -> list[RequestProgress]:
-        firsts = {}
+    def _prompt_tokens(self) -> tuple[int, int | None]:
+        """Each prompt's tokens, and those of them the engine took from its KV cache (None: not reported), as
+        its first sequence says."""
+        firsts: dict[int, RequestProgress] = {}
         for s, p in zip(self.sequences, self.progress):
             firsts.setdefault(s.prompt_index, p)
-        return list(firsts.values())
+        cached = [p.cached_tokens for p in firsts.values()]
+        return sum(p.prompt_tokens for p in firsts.values()), None if None in cached else sum(cached)
 
     def _record(self) -> None:
         if self.metrics is None:
             return
-        self.metrics.observe_prompt(sum(p.prompt_tokens for p in self._first_of_each_prompt()))
+        self.metrics.observe_prompt(*self._prompt_tokens())
         for s, p in zip(self.sequences, self.progress):
             # Time to first token is recorded for streamed requests: only their clients see a first token.
             first = p.first_token_at - self.started_at if p.first_token_at is not None and s.params.stream else None

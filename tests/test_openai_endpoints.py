@@ -111,6 +111,12 @@ def test_metrics_count_requests_tokens_and_latency(base, client, tiny_stack):
         return after.get(name, 0.0) - before.get(name, 0.0)
 
     assert delta(f"prompt_tokens_total{{{label}}}") >= reply.usage.prompt_tokens + 1
+    assert delta(f"prefix_cache_queries_total{{{label}}}") == delta(f"prompt_tokens_total{{{label}}}")
+    hits = f"prefix_cache_hits_total{{{label}}}"
+    again = client.completions.create(model=tiny_stack.model_name, prompt="Hello there", max_tokens=1)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == again.usage.prompt_tokens - 1  # the same prompt ran just before
+    assert metric_values(base)[hits] - after.get(hits, 0.0) == cached
     assert delta(f"generation_tokens_total{{{label}}}") == 10 + 4
     assert delta(f'request_success_total{{finished_reason="length",{label}}}') == 3
     assert delta(f"e2e_request_latency_seconds_count{{{label}}}") == 3
