@@ -1,6 +1,7 @@
 """In-flight batching engine: a background thread that admits waiting requests into free cache slots, and
 in each round prefills up to a token budget of their prompts (packed together), then runs one batched decode
-step for every prefilled request."""
+step for every prefilled request. A prompt's start that a slot's cache already holds is not prefilled again
+(KV cache reuse, `prefix_cache.py`)."""
 
 import ctypes
 import heapq
@@ -384,8 +385,9 @@ class Engine:
             return
         n = requests[-1].slot + 1
         last_pos = max(len(r.prompt) + len(r.generated) - 1 for r in requests)
-        # Idle slots below n ride along (their results are discarded) and write one cache row: at the batch's
-        # last position, or, where that is later, just past what the slot holds for prompts to reuse.
+        # Idle slots below n ride along (their results are discarded) and write one cache row: just past what the
+        # slot holds for prompts to reuse, or at the batch's last position where that comes first (the slot then
+        # holds less).
         idle = set(range(n)) - {r.slot for r in requests}
         tokens = torch.zeros(n, dtype=torch.long)
         positions = torch.full((n,), last_pos, dtype=torch.long)
