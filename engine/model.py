@@ -150,6 +150,27 @@ def _sliding_causal(queries: torch.Tensor, keys: torch.Tensor, window: int) -> t
     return (keys <= queries) & (keys > queries - window)
 
 
+def sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_query: int, first_key: int,
+                      window: int, scale: float) -> torch.Tensor:
+    """Prefill attention under a sliding window: `q [1, H, S, D]` at positions first_query.., over `k`, `v`
+    `[1, KV, L, D]` at positions first_key... Queries go a block at a time, each over the keys its window
+    reaches: one masked product over all S x L pairs (ATen's only way with a band mask) costs 4.8x as much at
+    4,096 tokens and a 512 window."""
+    block = min(128, window)
+    outs = []
+    for start in range(0, q.shape[2], block):
+        end = min(q.shape[2], start + block)
+        lo = max(0, first_query + start - window + 1 - first_key)  # the first key the block's first query sees
+        hi = first_query + end - first_key
+        queries = torch.arange(first_query + start, first_query + end)[:, None]
+        keys = torch.arange(first_key + lo, first_key + hi)[None, :]
+        outs.append(F.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=_sliding_causal(queries, keys, window),
+            scale=scale, enable_gqa=True,
+        ))
+    return torch.cat(outs, dim=2)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool,
              residual: torch.Tensor | None = None) -> torch.Tensor:
     """The RMSNorm of `x` times `weight` (`[dim]`, or `[heads, dim]` for per-head norms), plus `residual`."""
@@ -307,11 +328,6 @@ class Decoder:
         # sequence with a block-diagonal mask, which computed every prompt against every other (a 4 x 128-token
         # prefill: 1100 -> 996 ms). Sliding layers need a band only where a prompt outgrows the window.
         window = c.sliding_window
-        bands = {
-            n: _sliding_causal(torch.arange(n)[:, None], torch.arange(n)[None, :], window)
-            for n in {int(n) for n in lengths}
-            if window and n > window
-        }
         slot_of = torch.tensor(slots)[seg]
         flat_rows = self._cache_rows(slot_of, pos)
 
@@ -325,16 +341,12 @@ class Decoder:
                 if cached:  # a cached prefix: attend over the slot's keys, fresh ones included
                     outs.append(self._attend_after_prefix(li, layer, q[:, :, start:end], slot, cached))
                     continue
-                mask = bands.get(end - start) if layer.sliding else None
-                outs.append(F.scaled_dot_product_attention(
-                    q[:, :, start:end],
-                    k[:, :, start:end],
-                    v[:, :, start:end],
-                    attn_mask=mask,
-                    is_causal=mask is None,
-                    scale=c.attn_scale,
-                    enable_gqa=True,
-                ))
+                q_span, k_span, v_span = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
+                if layer.sliding and window and end - start > window:
+                    outs.append(sliding_attention(q_span, k_span, v_span, 0, 0, window, c.attn_scale))
+                else:
+                    outs.append(F.scaled_dot_product_attention(q_span, k_span, v_span, is_causal=True,
+                                                               scale=c.attn_scale, enable_gqa=True))
             return torch.cat(outs, dim=2).transpose(1, 2)
 
         h = self._run(torch.cat(prompts)[None, :], pos[None, :], attend)
@@ -345,18 +357,11 @@ class Decoder:
         values up to there are in the cache."""
         c = self.config
         length = cached + q.shape[2]
-        window = c.sliding_window if layer.sliding else 0
-        first = max(0, cached - window + 1) if window else 0  # older keys are outside every query's window
-        queries = torch.arange(cached, length)[:, None]
-        keys = torch.arange(first, length)[None, :]
-        return F.scaled_dot_product_attention(
-            q,
-            self.k_cache[li][slot : slot + 1, :, first:length],
-            self.v_cache[li][slot : slot + 1, :, first:length],
-            attn_mask=_sliding_causal(queries, keys, window) if window else keys <= queries,
-            scale=c.attn_scale,
-            enable_gqa=True,
-        )
+        k, v = self.k_cache[li][slot : slot + 1, :, :length], self.v_cache[li][slot : slot + 1, :, :length]
+        if layer.sliding and c.sliding_window:
+            return sliding_attention(q, k, v, cached, 0, c.sliding_window, c.attn_scale)
+        causal = torch.arange(length)[None, :] <= torch.arange(cached, length)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=c.attn_scale, enable_gqa=True)
 
     def copy_cache_prefix(self, source: int, target: int, length: int) -> None:
         """Copy positions 0..length-1 of cache slot `source` to slot `target`, in every layer."""

@@ -11,7 +11,7 @@ import torch
 from engine import Engine, GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams, stream_due
 from engine import int8_weights, native, sampling
 from engine.config import FULL, SLIDING, ModelConfig
-from engine.model import Decoder
+from engine.model import Decoder, sliding_attention
 from engine.generate import generate
 from tests.engine_checkpoints import ARCHITECTURES, make_tiny_checkpoint
 
@@ -192,6 +192,26 @@ def test_prefill_after_a_cached_prefix_matches_prefilling_the_whole_prompt(arch,
     for cache in (*model.k_cache, *model.v_cache):
         for slot in (1, 2, 3):
             torch.testing.assert_close(cache[slot, :, :30], cache[0, :, :30], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("queries, first_query, first_key, window", [
+    (300, 0, 0, 128),  # a whole prompt, past the window: queries in blocks of 128, each over its reach
+    (300, 0, 0, 8),
+    (37, 200, 0, 64),  # after a cached prefix, its keys in the cache from position 0
+    (37, 200, 150, 64),  # the same with the keys from 150 on only
+    (5, 3, 0, 512),  # inside the window
+])
+def test_sliding_attention_by_blocks_matches_one_masked_product(queries, first_query, first_key, window):
+    gen = torch.Generator().manual_seed(queries + window)
+    q = torch.randn(1, 4, queries, 16, generator=gen)
+    k, v = (torch.randn(1, 2, first_query + queries - first_key, 16, generator=gen) for _ in range(2))
+    query_pos = torch.arange(first_query, first_query + queries)[:, None]
+    key_pos = torch.arange(first_key, first_query + queries)[None, :]
+    band = (key_pos <= query_pos) & (key_pos > query_pos - window)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=0.25,
+                                                                 enable_gqa=True)
+    out = sliding_attention(q, k, v, first_query, first_key, window, 0.25)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
 def staggered(engine, jobs, join_after: int = 3) -> dict[str, GenerationOutput]:
