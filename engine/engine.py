@@ -22,9 +22,10 @@ from .prefix_cache import SlotPrefixes
 
 log = logging.getLogger(__name__)
 
-# Admitted prompts are prefilled as one packed sequence of at most this many tokens (a longer prompt runs
-# alone): one pass over the weights instead of one per prompt. One such pass goes between two decode steps,
-# so a burst of new prompts delays the running streams by one pass per step rather than stalling them.
+# Admitted prompts are prefilled as one packed sequence of at most this many tokens: one pass over the weights
+# instead of one per prompt. A longer prompt goes alone, this many tokens a pass (chunked prefill, each chunk
+# attending to the ones before it in its slot). One such pass goes between two decode steps, so new prompts
+# delay the running streams by one pass per step rather than stalling them.
 PREFILL_TOKENS = 512
 
 
@@ -114,6 +115,7 @@ class _Request:
     generator: torch.Generator | None
     slot: int = -1
     cached: int = 0  # prompt tokens whose keys and values the slot already held
+    prefilled: int = 0  # prompt positions written so far (chunked prefill: the chunks done)
     generated: list[int] = field(default_factory=list)
     seen: torch.Tensor | None = None  # prompt + generated, for the repetition penalty
     counts: torch.Tensor | None = None  # generated-token counts, for presence / frequency penalties
@@ -288,9 +290,9 @@ class Engine:
                 self._prefilling.extend(admitted)
                 # Counted once per round, so that every stream of the round gets the same interval.
                 self._streams = sum(r.params.streaming for r in self._running.values())
-                group = self._next_prefill_group()
-                if group:
-                    self._prefill(group)
+                pieces = self._next_prefill_group()
+                if pieces:
+                    self._prefill(pieces)
                 self._decode_step()
                 self._step += 1
             for request in list(self._live.values()):
@@ -329,47 +331,59 @@ class Engine:
         self.model.copy_cache_prefix(source, target, length)
         self._prefixes.copy(source, target, length)
 
-    def _cached_prefix(self, request: _Request) -> int:
-        """Prompt tokens of `request` whose keys and values its slot already holds."""
-        return self._prefixes.reusable(request.slot, request.prompt) if self._prefixes else 0
+    def _prefill_start(self, request: _Request) -> int:
+        """Where `request`'s prefill goes on: past what its slot holds of its prompt (reused, or its own earlier
+        chunks)."""
+        return self._prefixes.reusable(request.slot, request.prompt) if self._prefixes else request.prefilled
 
-    def _next_prefill_group(self) -> list[_Request]:
+    def _next_prefill_group(self) -> list[tuple[_Request, int, int]]:
+        """The next pass's (request, start, end) pieces of prompts: whole prompts while they fit the budget, or
+        the next chunk of one longer than it, which stays first in line until its last chunk."""
         group, tokens = [], 0
         while self._prefilling:
             request = self._prefilling[0]
             if self._live.get(request.id) is not request:  # finished (cancelled) while waiting for its prefill
                 self._prefilling.popleft()
                 continue
-            fresh = len(request.prompt) - self._cached_prefix(request)
-            if group and tokens + fresh > PREFILL_TOKENS:
-                break
-            group.append(self._prefilling.popleft())
-            tokens += fresh
+            start = self._prefill_start(request)
+            fresh = len(request.prompt) - start
+            if tokens + fresh <= PREFILL_TOKENS:
+                group.append((self._prefilling.popleft(), start, len(request.prompt)))
+                tokens += fresh
+                continue
+            if not group:
+                group.append((request, start, start + PREFILL_TOKENS))
+            break
         return group
 
-    def _prefill(self, requests: list[_Request]) -> None:
-        starts = [self._cached_prefix(r) for r in requests]
+    def _prefill(self, pieces: list[tuple[_Request, int, int]]) -> None:
+        requests = [r for r, _, _ in pieces]
         try:
             hidden = self.model.prefill(
                 [r.slot for r in requests],
-                [torch.tensor(r.prompt[start:], dtype=torch.long) for r, start in zip(requests, starts)],
-                starts,
+                [torch.tensor(r.prompt[start:end], dtype=torch.long) for r, start, end in pieces],
+                [start for _, start, _ in pieces],
             )
         except Exception as e:
             log.exception("prefill failed for requests %s", [r.id for r in requests])
             self._forget_slots(r.slot for r in requests)
             self._fail(requests, e)
             return
-        if self._prefixes:
-            for r, start in zip(requests, starts):
-                self._prefixes.hold(r.slot, r.prompt)
+        for r, start, end in pieces:
+            if not r.prefilled:  # its first piece: what it starts from was reused
                 r.cached = start
-            self._reused_tokens += sum(starts)
+                self._reused_tokens += start
+            r.prefilled = end
+            if self._prefixes:
+                self._prefixes.hold(r.slot, r.prompt[:end])
+        done = [i for i, (r, _, end) in enumerate(pieces) if end == len(r.prompt)]
+        if not done:
+            return
         try:
-            self._choose_all(requests, hidden)
+            self._choose_all([requests[i] for i in done], hidden[done])
         except Exception as e:
-            log.exception("choosing the first tokens failed for requests %s", [r.id for r in requests])
-            self._fail(requests, e)
+            log.exception("choosing the first tokens failed for requests %s", [requests[i].id for i in done])
+            self._fail([requests[i] for i in done], e)
 
     def _forget_slots(self, slots) -> None:
         """After a failed pass: what these slots' caches hold is unknown."""
@@ -385,15 +399,16 @@ class Engine:
             return
         n = requests[-1].slot + 1
         last_pos = max(len(r.prompt) + len(r.generated) - 1 for r in requests)
-        # Idle slots below n ride along (their results are discarded) and write one cache row: just past what the
-        # slot holds for prompts to reuse, or at the batch's last position where that comes first (the slot then
-        # holds less).
+        # Idle slots below n ride along (their results are discarded) and write one cache row. A slot whose prompt
+        # is being prefilled writes just past what it holds: its prefill's next chunk overwrites that row. A free
+        # slot writes there too, or at the batch's last position where that comes first (it then holds less).
         idle = set(range(n)) - {r.slot for r in requests}
         tokens = torch.zeros(n, dtype=torch.long)
         positions = torch.full((n,), last_pos, dtype=torch.long)
-        if self._prefixes:
-            for slot in idle:
-                positions[slot] = min(self._prefixes.held(slot), last_pos)
+        for slot in idle:
+            waiting = self._running.get(slot)  # admitted, prompt not prefilled yet
+            held = self._prefixes.held(slot) if self._prefixes else waiting.prefilled if waiting else last_pos
+            positions[slot] = min(held, self.max_seq_len - 1 if waiting else last_pos)
         for r in requests:
             tokens[r.slot] = r.generated[-1]
             positions[r.slot] = len(r.prompt) + len(r.generated) - 1

@@ -678,6 +678,48 @@ def test_running_streams_advance_between_the_prefills_of_a_burst(gemma):
     assert "running" in events[first:last]
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_prompt_longer_than_the_prefill_budget_goes_in_chunks_with_the_same_tokens(checkpoints, gemma, monkeypatch,
+                                                                                      reuse):
+    long = prompt(53, seed=12)  # past Gemma's window of 8 in every chunk
+    whole = generate(gemma, long, greedy(8)).token_ids  # one pass (the budget is 512)
+    monkeypatch.setattr("engine.engine.PREFILL_TOKENS", 16)
+    with Engine(checkpoints["gemma3"], max_batch_size=2, max_seq_len=128, kv_cache_reuse=reuse) as engine:
+        passes, prefill = [], engine.model.prefill
+
+        def counted(slots, prompts, starts=None):
+            passes.append(([len(p) for p in prompts], starts))
+            return prefill(slots, prompts, starts)
+
+        engine.model.prefill = counted
+        assert generate(engine, long, greedy(8)).token_ids == whole
+    assert passes == [([16], [0]), ([16], [16]), ([16], [32]), ([5], [48])]
+
+
+def test_a_running_stream_advances_between_the_chunks_of_a_long_prompt(checkpoints, monkeypatch):
+    monkeypatch.setattr("engine.engine.PREFILL_TOKENS", 16)
+    with Engine(checkpoints["gemma3"], max_batch_size=2, max_seq_len=128, stream_interval=1) as engine:
+        events, done = [], threading.Semaphore(0)
+
+        def on_long(out: GenerationOutput):
+            events.append("long")
+            if out.finished:
+                done.release()
+
+        def on_running(out: GenerationOutput):
+            events.append("running")
+            if out.num_output_tokens == 2:  # on the engine thread: admitted at the next round
+                engine.submit("long", prompt(60, seed=13), greedy(2), on_long)
+            if out.finished:
+                done.release()
+
+        engine.submit("running", prompt(5), greedy(20), on_running)
+        for _ in range(2):
+            assert done.acquire(timeout=60)
+    # 60 prompt tokens in four passes of 16, a decode step of the running stream after each of the first three
+    assert events[: events.index("long")].count("running") >= 2 + 3
+
+
 @pytest.mark.parametrize("setting, policy", [(None, os.SCHED_IDLE), ("0", os.SCHED_OTHER)])
 def test_engine_threads_yield_the_cores_to_other_processes(checkpoints, monkeypatch, setting, policy):
     """ENGINE_SCHED_IDLE: the engine thread and the OpenMP workers it starts run under SCHED_IDLE (by default)."""
