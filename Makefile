@@ -44,6 +44,7 @@ bench: model aiperf
 	$(PY) -m bench.relay
 	$(PY) -m bench.aiperf_load
 	$(PY) -m bench.prefix_reuse
+	$(PY) -m bench.long_prompt
 
 clean:
 	rm -rf $(CACHE)/run

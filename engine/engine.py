@@ -69,15 +69,18 @@ def _yield_cores_to_other_processes() -> None:
 AUTO_STREAMS_PER_STEP = 4
 
 
-def stream_due(step: int, num_generated: int, stream_interval: int, running: int) -> bool:
+def stream_due(step: int, num_generated: int, stream_interval: int, running: int, after_prefill: bool = False) -> bool:
     """Whether a streaming request's new tokens go out at this engine step: TensorRT-LLM's `stream_interval`.
 
     Counted in engine steps shared by all requests, not per request: every stream's response then leaves at
     the same steps, so the processes downstream wake once per interval for all streams instead of at every
     step for some. The first token always goes at once, so the time to first token does not depend on it.
     `stream_interval` 0 picks the interval from the `running` streams (AUTO_STREAMS_PER_STEP): every step
-    while at most that many run.
+    while at most that many run, and every step that came after a prefill pass (a pass takes as long as tens of
+    steps: holding its tokens back would save the stack little and double the streams' gaps).
     """
+    if not stream_interval and after_prefill:
+        return True
     interval = stream_interval or max(1, -(-running // AUTO_STREAMS_PER_STEP))
     return num_generated == 1 or step % interval == 0
 
@@ -173,6 +176,7 @@ class Engine:
         self.stream_interval = stream_interval
         self._step = 0  # rounds of the loop so far: the clock of stream_interval
         self._streams = 0  # streaming requests running in this round: what the auto interval is set by
+        self._after_prefill = False  # whether this round's decode step follows a prefill pass
         model.allocate_cache(max_batch_size, self.max_seq_len)
         _release_openmp_workers()
 
@@ -291,6 +295,7 @@ class Engine:
                 # Counted once per round, so that every stream of the round gets the same interval.
                 self._streams = sum(r.params.streaming for r in self._running.values())
                 pieces = self._next_prefill_group()
+                self._after_prefill = bool(pieces)
                 if pieces:
                     self._prefill(pieces)
                 self._decode_step()
@@ -500,7 +505,8 @@ class Engine:
         reason, stop_reason = self._finish_reason(request)
         if reason is not None:
             self._finish(request, reason, stop_reason=stop_reason)
-        elif p.streaming and stream_due(self._step, len(request.generated), self.stream_interval, self._streams):
+        elif p.streaming and stream_due(self._step, len(request.generated), self.stream_interval, self._streams,
+                                        self._after_prefill):
             self._deliver(request, finished=False)
 
     def _finish_reason(self, request: _Request):

@@ -651,6 +651,9 @@ def test_auto_stream_interval_is_one_step_per_four_running_streams():
     assert due_steps(16) == [0, 4]
     assert stream_due(3, 1, 0, 16)  # the first token never waits
     assert due_steps(16) != [step for step in range(8) if stream_due(step, 2, 1, 16)]  # an explicit interval wins
+    # a step after a prefill pass sends every stream's tokens, unless the interval was set
+    assert all(stream_due(step, 2, 0, 16, after_prefill=True) for step in range(8))
+    assert [step for step in range(8) if stream_due(step, 2, 2, 16, after_prefill=True)] == [0, 2, 4, 6]
 
 
 def test_running_streams_advance_between_the_prefills_of_a_burst(gemma):
