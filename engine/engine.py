@@ -412,8 +412,11 @@ class Engine:
         positions = torch.full((n,), last_pos, dtype=torch.long)
         for slot in idle:
             waiting = self._running.get(slot)  # admitted, prompt not prefilled yet
-            held = self._prefixes.held(slot) if self._prefixes else waiting.prefilled if waiting else last_pos
-            positions[slot] = min(held, self.max_seq_len - 1 if waiting else last_pos)
+            if waiting is not None:
+                written = self._prefixes.held(slot) if self._prefixes else waiting.prefilled
+                positions[slot] = min(written, self.max_seq_len - 1)
+            elif self._prefixes:
+                positions[slot] = min(self._prefixes.held(slot), last_pos)
         for r in requests:
             tokens[r.slot] = r.generated[-1]
             positions[r.slot] = len(r.prompt) + len(r.generated) - 1

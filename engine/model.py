@@ -324,43 +324,36 @@ class Decoder:
         seg = torch.repeat_interleave(torch.arange(len(prompts)), lengths)  # prompt of each token
         pos = torch.arange(int(ends[-1])) - (ends - lengths)[seg] + torch.tensor(starts)[seg]
         spans = [(int(end - n), int(end)) for n, end in zip(lengths, ends)]
-        # Each prompt attends to itself alone: one causal product per prompt, rather than one over the packed
+        # Each prompt attends to its own slot alone: one causal product per prompt, rather than one over the packed
         # sequence with a block-diagonal mask, which computed every prompt against every other (a 4 x 128-token
-        # prefill: 1100 -> 996 ms). Sliding layers need a band only where a prompt outgrows the window.
-        window = c.sliding_window
+        # prefill: 1100 -> 996 ms).
         slot_of = torch.tensor(slots)[seg]
         flat_rows = self._cache_rows(slot_of, pos)
 
         def attend(layer, li, q, k, v):
-            # q [1,S,H,D], k/v [1,S,KV,D]: write the cache, then attend over the fresh keys only
+            # q [1,S,H,D], k/v [1,S,KV,D]: write the cache, then each prompt attends over its slot
             self.k_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, k.reshape(-1, c.head_dim))
             self.v_cache[li].view(-1, c.head_dim).index_copy_(0, flat_rows, v.reshape(-1, c.head_dim))
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            outs = []
-            for slot, cached, (start, end) in zip(slots, starts, spans):
-                if cached:  # a cached prefix: attend over the slot's keys, fresh ones included
-                    outs.append(self._attend_after_prefix(li, layer, q[:, :, start:end], slot, cached))
-                    continue
-                q_span, k_span, v_span = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
-                if layer.sliding and window and end - start > window:
-                    outs.append(sliding_attention(q_span, k_span, v_span, 0, 0, window, c.attn_scale))
-                else:
-                    outs.append(F.scaled_dot_product_attention(q_span, k_span, v_span, is_causal=True,
-                                                               scale=c.attn_scale, enable_gqa=True))
+            q = q.transpose(1, 2)
+            outs = [self._prefill_attention(li, layer, q[:, :, span_start:span_end], slot, start)
+                    for slot, start, (span_start, span_end) in zip(slots, starts, spans)]
             return torch.cat(outs, dim=2).transpose(1, 2)
 
         h = self._run(torch.cat(prompts)[None, :], pos[None, :], attend)
         return self._final_norm(h[0, ends - 1])
 
-    def _attend_after_prefix(self, li: int, layer: Layer, q: torch.Tensor, slot: int, cached: int) -> torch.Tensor:
-        """Prefill attention of `q [1, H, S, D]` at positions cached..cached+S-1 of `slot`, whose keys and
-        values up to there are in the cache."""
+    def _prefill_attention(self, li: int, layer: Layer, q: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """Prefill attention of `q [1, H, S, D]` at positions start..start+S-1 of `slot`, over the slot's keys
+        up to there: the prompt's own, just written, after any cached prefix."""
         c = self.config
-        length = cached + q.shape[2]
+        length = start + q.shape[2]
         k, v = self.k_cache[li][slot : slot + 1, :, :length], self.v_cache[li][slot : slot + 1, :, :length]
-        if layer.sliding and c.sliding_window:
-            return sliding_attention(q, k, v, cached, 0, c.sliding_window, c.attn_scale)
-        causal = torch.arange(length)[None, :] <= torch.arange(cached, length)[:, None]
+        window = c.sliding_window if layer.sliding else 0
+        if window and length > window:  # a band only where the keys outgrow the window
+            return sliding_attention(q, k, v, start, 0, window, c.attn_scale)
+        if not start:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=c.attn_scale, enable_gqa=True)
+        causal = torch.arange(length)[None, :] <= torch.arange(start, length)[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=c.attn_scale, enable_gqa=True)
 
     def copy_cache_prefix(self, source: int, target: int, length: int) -> None:
