@@ -278,6 +278,13 @@ class CompletionRequest(SamplingRequest):
 # --- responses ----------------------------------------------------------------------------------------------
 
 
+def _without_null(data: dict, key: str) -> dict:
+    """A serialized model without `key` where it is null: OpenAI leaves such keys out."""
+    if data.get(key) is None:
+        data.pop(key, None)
+    return data
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # taken from the engine's KV cache (KV cache reuse) rather than computed
 
@@ -289,12 +296,9 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None  # None: the engine does not report cached tokens
 
     @model_serializer(mode="wrap")
-    def _without_unknown_details(self, serialize):
+    def _without_unknown_details(self, handler):
         # An engine that does not count cached tokens (TensorRT-LLM's) leaves the key out rather than send null.
-        data = serialize(self)
-        if data.get("prompt_tokens_details") is None:
-            data.pop("prompt_tokens_details", None)
-        return data
+        return _without_null(handler(self), "prompt_tokens_details")
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> "UsageInfo":
@@ -364,10 +368,7 @@ class _Chunk(BaseModel):
 
     @model_serializer(mode="wrap")
     def _omit_null_usage(self, handler):
-        data = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
-        return data
+        return _without_null(handler(self), "usage")
 
 
 class ChatCompletionChunk(_Chunk):

@@ -5,11 +5,12 @@ measure it, with its baselines in the same run.
 
 Without --url it starts the service on the default model (`python -m launcher` on free ports). Each request
 sends a prompt of its own (`Prompts`: nothing for KV cache reuse to find) of exactly --input-tokens token ids
-to /v1/completions with `ignore_eos`, asks for --output-tokens tokens, and streams. Reported per concurrency: time to first token p50/p99, inter-token
-latency p50, output tokens/s and requests/s. Baselines in the same run: the CPU engine driven in-process on
-the same load (what the adapter and Triton add, at concurrency 1 and 16) and non-streamed requests at
-concurrency 16 (what streaming costs), each run in turn with the stack's streamed run three times and reported
-as each side's median run; and transformers' continuous batching (`generate_batch`) on the same checkpoint.
+to /v1/completions with `ignore_eos`, asks for --output-tokens tokens, and streams. Reported per concurrency:
+time to first token p50/p99, inter-token latency p50, output tokens/s and requests/s. Baselines in the same
+run: the CPU engine driven in-process on the same load (what the adapter and Triton add, at concurrency 1 and 16)
+and non-streamed requests at concurrency 16 (what streaming costs), each run in turn with the stack's streamed
+run three times and reported as each side's median run; and transformers' continuous batching
+(`generate_batch`) on the same checkpoint.
 """
 
 from __future__ import annotations
