@@ -41,6 +41,7 @@ $(AIPERF_VENV)/.installed: bench/aiperf-requirements.txt
 bench: model aiperf
 	$(PY) -m bench.engine_decode
 	$(PY) -m bench.serve_load
+	$(PY) -m bench.stack_layers
 	$(PY) -m bench.relay
 	$(PY) -m bench.aiperf_load
 	$(PY) -m bench.prefix_reuse

@@ -178,7 +178,7 @@ def parse_outputs(result: InferResult) -> EngineChunk:
     )
 
 
-def _is_final(response: service_pb2.ModelInferResponse) -> bool:
+def is_final(response: service_pb2.ModelInferResponse) -> bool:
     params = response.parameters
     return "triton_final_response" in params and params["triton_final_response"].bool_param
 
@@ -312,7 +312,7 @@ class TritonEngine:
                 if response.error_message:
                     finished = True
                     raise error_from_message(response.error_message)
-                final = _is_final(response.infer_response)
+                final = is_final(response.infer_response)
                 chunk = parse_outputs(InferResult(response.infer_response)) if response.infer_response.outputs else None
                 finished = finished or final or (chunk is not None and chunk.finish_reason is not None)
                 if chunk is not None:
@@ -335,7 +335,7 @@ class TritonEngine:
         try:
             async for response in call:
                 responses.put_nowait(response)
-                if response.error_message or _is_final(response.infer_response):
+                if response.error_message or is_final(response.infer_response):
                     break
             responses.put_nowait(None)
         except grpc.aio.AioRpcError as exc:
@@ -364,7 +364,7 @@ class TritonEngine:
                     if response.error_message:
                         logger.warning("stop request %s failed: %s", request_id, clean_message(response.error_message))
                         return
-                    if _is_final(response.infer_response):
+                    if is_final(response.infer_response):
                         return
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             logger.warning("stop request %s got no answer: %s", request_id, exc)

@@ -1,0 +1,202 @@
+"""Where the serving stack's time goes at one stream: the same load through each layer in turn, with the
+in-process engine in the same run, and each process's CPU per delivered token.
+
+    .venv/bin/python -m bench.stack_layers [--passes 6] [--rounds 2] [--concurrency 1]
+
+Layers, each adding to the one before: the CPU engine driven in-process (the floor); a gRPC client streaming
+from Triton's `tensorrt_llm` model directly (Triton and the engine's Python-backend host); the same client
+streaming from the `ensemble` (adds preprocessing and the per-token postprocessing hop); an OpenAI client
+streaming /v1/completions (adds the adapter, HTTP and SSE). Every layer runs --passes times, interleaved with
+the others (this machine's noise is about 15% run to run); each is reported as its median pass. Prompts are
+distinct (`serve_load.Prompts`), 128 tokens in and out with ignore_eos, as in bench.serve_load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from bench.serve_load import (
+    Prompts,
+    RequestTiming,
+    bench_cache,
+    in_process_load,
+    load_context,
+    run_level,
+    start_load_stack,
+    summarize,
+    write_results,
+)
+from launcher.stack_process import Stack, descendants
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def engine_model_inputs(prompt: list[int], output_tokens: int) -> dict[str, np.ndarray]:
+    """A streamed `tensorrt_llm` request in TensorRT-LLM's tensors, without an end id (ignore_eos)."""
+    return {
+        "input_ids": np.array([prompt], dtype=np.int32),
+        "input_lengths": np.array([[len(prompt)]], dtype=np.int32),
+        "request_output_len": np.array([[output_tokens]], dtype=np.int32),
+        "end_id": np.array([[-1]], dtype=np.int32),
+        "streaming": np.array([[True]], dtype=np.bool_),
+        "exclude_input_in_output": np.array([[True]], dtype=np.bool_),
+    }
+
+
+async def grpc_level(grpc_url: str, model: str, prompts: Prompts, concurrency: int, output_tokens: int,
+                     rounds: int) -> dict:
+    """Streaming requests straight to a Triton model over gRPC, as a gRPC client of Triton sends them."""
+    from tritonclient.grpc import InferResult
+    from tritonclient.grpc.aio import InferenceServerClient
+
+    from adapter.engine import GenerationParams
+    from adapter.triton_engine import ensemble_inputs, ensemble_outputs, infer_request, is_final
+
+    params = GenerationParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
+    token_ids_output = "output_token_ids" if model == "ensemble" else "output_ids"
+    client = InferenceServerClient(grpc_url)
+
+    async def one(prompt: list[int]) -> RequestTiming:
+        request_id = f"layers-{uuid.uuid4().hex}"  # the engine tells requests apart by id
+        if model == "ensemble":
+            request = infer_request(model, request_id, ensemble_inputs(prompt, params), ensemble_outputs(params))
+        else:
+            request = infer_request(model, request_id, engine_model_inputs(prompt, output_tokens))
+        done = asyncio.Event()
+
+        async def requests():
+            yield request
+            await done.wait()
+
+        start, first, tokens = time.perf_counter(), None, 0
+        async for response in client._client_stub.ModelStreamInfer(requests()):  # noqa: SLF001 - as the adapter
+            if response.error_message:
+                raise RuntimeError(response.error_message)
+            if response.infer_response.outputs:
+                tokens += InferResult(response.infer_response).as_numpy(token_ids_output).size
+                first = first or time.perf_counter()
+            if is_final(response.infer_response):
+                break
+        done.set()
+        end = time.perf_counter()
+        return RequestTiming((first or end) - start, end - start, tokens)
+
+    async def worker():
+        return [await one(prompts.take()) for _ in range(rounds)]
+
+    try:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return summarize([t for per_worker in results for t in per_worker], time.perf_counter() - start)
+    finally:
+        await client.close()
+
+
+def cpu_seconds(path: str) -> float:
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def stack_cpu(stack: Stack, compute_threads: int) -> dict[str, float]:
+    """CPU seconds so far of each part of the stack, and of this process (the benchmark's client). The engine
+    model's process counts without its `compute_threads` busiest threads (the engine's own compute): what is
+    left is its relay to Triton."""
+    parts: dict[str, float] = {}
+    for pid in descendants(stack.process.pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_text()
+            for name in ("adapter", "tritonserver", "preprocessing", "postprocessing"):
+                if name in command and "tensorrt_llm" not in command:
+                    parts[name] = parts.get(name, 0.0) + cpu_seconds(f"/proc/{pid}/stat")
+                    break
+            else:
+                if "tensorrt_llm" in command:
+                    threads = sorted(cpu_seconds(f"/proc/{pid}/task/{t}/stat") for t in os.listdir(f"/proc/{pid}/task"))
+                    parts["engine relay"] = sum(threads[:-compute_threads])
+        except OSError:
+            continue  # a process that just ended
+    times = os.times()
+    parts["client"] = times.user + times.system
+    return parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--passes", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client in each pass")
+    parser.add_argument("--input-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    import torch
+
+    from build.default_model import ensure_default_model
+    from engine import Engine
+    from launcher.stack_process import stop_stack
+
+    model_dir = (args.model_dir or ensure_default_model()).resolve()
+    prompts = Prompts(model_dir, args.input_tokens)
+    n, out, rounds = args.concurrency, args.output_tokens, args.rounds
+    stack = start_load_stack(model_dir, bench_cache("bench"), max(n, 2), args.input_tokens, out)
+    url, grpc_url = stack.openai_base_url, stack.grpc_url
+    layers = {
+        "gRPC to tensorrt_llm": lambda: asyncio.run(grpc_level(grpc_url, "tensorrt_llm", prompts, n, out, rounds)),
+        "gRPC to ensemble": lambda: asyncio.run(grpc_level(grpc_url, "ensemble", prompts, n, out, rounds)),
+        "HTTP to the adapter": lambda: asyncio.run(run_level(url, stack.model_name, prompts, n, out, True, rounds)),
+    }
+    runs: dict[str, list[dict]] = {}
+    try:
+        with Engine(model_dir, max_batch_size=max(n, 2), max_seq_len=load_context(prompts.length, out)) as engine:
+            layers = {"in-process engine": lambda: in_process_load(engine, prompts, n, out, rounds), **layers}
+            for run in layers.values():  # warm-up
+                run()
+            for _ in range(args.passes):
+                for name, run in layers.items():
+                    before = stack_cpu(stack, torch.get_num_threads())
+                    result = run()
+                    after = stack_cpu(stack, torch.get_num_threads())
+                    tokens = result["output_tok_s"] * result["requests"] / result["requests_s"]
+                    result["cpu_ms_per_token"] = {k: 1000 * (after[k] - before.get(k, 0.0)) / tokens for k in after}
+                    runs.setdefault(name, []).append(result)
+                    print(name, {k: round(v, 2) for k, v in result.items() if k != "cpu_ms_per_token"}, flush=True)
+    finally:
+        stop_stack(stack)
+    write_results(f"stack_layers-c{n}", layers_table(model_dir, args, runs), runs)
+
+
+def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str]:
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    def cpu(name: str, part: str) -> float:
+        return statistics.median(r["cpu_ms_per_token"].get(part, 0.0) for r in runs[name])
+
+    floor = median("in-process engine", "e2e_p50_s")
+    parts = ["client", "adapter", "tritonserver", "postprocessing", "engine relay"]
+    lines = [f"# {platform.machine()}, {os.cpu_count()} cores, model {model_dir.name}, {args.input_tokens} in / "
+             f"{args.output_tokens} out tokens, ignore_eos, concurrency {args.concurrency}, medians of "
+             f"{args.passes} interleaved passes of {args.rounds} request(s) per client", "",
+             "| layer | TTFT p50 ms | ITL p50 ms | e2e p50 s | behind in-process | CPU ms per token: "
+             + " / ".join(parts) + " |", "|---|---|---|---|---|---|"]
+    for name in runs:
+        e2e = median(name, "e2e_p50_s")
+        # In-process, this process is the engine itself: no stack, no client to count.
+        cells = "" if name == "in-process engine" else " / ".join(f"{cpu(name, p):.2f}" for p in parts)
+        lines.append(f"| {name} | {median(name, 'ttft_p50_ms'):.0f} | {median(name, 'itl_p50_ms'):.2f} | {e2e:.3f} | "
+                     f"{100 * (e2e / floor - 1):+.0f}% | {cells} |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
