@@ -139,6 +139,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        the_tokenizer = tokenizer if tokenizer is not None else await asyncio.to_thread(load_tokenizer, settings)
         the_engine = engine
         if the_engine is None:
             from adapter.triton_engine import TritonEngine  # noqa: PLC0415 - tests run without Triton
@@ -148,8 +149,8 @@ def create_app(
                 settings.triton_model_name,
                 settings.triton_engine_model_name,
                 ready_timeout_s=settings.triton_health_timeout_s,
+                tokenizer=the_tokenizer if settings.pipeline_in_adapter else None,
             )
-        the_tokenizer = tokenizer if tokenizer is not None else await asyncio.to_thread(load_tokenizer, settings)
         chat_template = settings.chat_template_override() or getattr(the_tokenizer, "chat_template", None)
         served = ServedModel(
             name=settings.model_name,

@@ -1,8 +1,10 @@
 """The only code that knows Triton: OpenAI-free `GenerationParams` in, `EngineChunk`s out, over gRPC streaming.
 
 One `tritonclient.grpc.aio.InferenceServerClient` (one channel) is shared by all requests. Each request is one
-bidirectional `ModelStreamInfer` stream to the `ensemble` carrying one request with
-`triton_enable_empty_final_response`, so the end of a request is always marked by Triton's final flag.
+bidirectional `ModelStreamInfer` stream carrying one request with `triton_enable_empty_final_response`, so the
+end of a request is always marked by Triton's final flag. The stream goes to the engine model, with the
+ensemble's preprocessing and postprocessing steps run here (`adapter.pipeline_steps`), when the adapter has the
+model's tokenizer; otherwise to the `ensemble`.
 
 Cancellation: closing a gRPC stream does not reach a model behind an ensemble, so when a caller stops reading
 before the final response (client disconnect), a `stop = true` request with the same request id is sent to the
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -31,6 +33,8 @@ from adapter.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
 )
+from adapter.pipeline_steps import PipelineSteps
+from pipeline.tensors import InvalidRequest
 
 logger = logging.getLogger("adapter.triton")
 
@@ -149,13 +153,19 @@ def _first_int(array: np.ndarray | None) -> int | None:
     return None if array is None or array.size == 0 else int(array.reshape(-1)[0])
 
 
-def parse_outputs(result: InferResult) -> EngineChunk:
-    """One ensemble response as an EngineChunk; outputs that are absent read as empty."""
-    token_ids = result.as_numpy("output_token_ids")
+def output_arrays(response: service_pb2.ModelInferResponse) -> Tensors:
+    """The outputs a response carries, by name."""
+    result = InferResult(response)
+    return {output.name: result.as_numpy(output.name) for output in response.outputs}
+
+
+def parse_outputs(outputs: Tensors) -> EngineChunk:
+    """One response's ensemble outputs as an EngineChunk; outputs that are absent read as empty."""
+    token_ids = outputs.get("output_token_ids")
     ids = [int(t) for t in token_ids.reshape(-1)] if token_ids is not None else []
-    log_probs = result.as_numpy("output_log_probs")  # [1, beam, tokens]
-    top_ids = result.as_numpy("top_logprob_ids")  # [1, tokens, N]
-    top_values = result.as_numpy("top_logprob_values")
+    log_probs = outputs.get("output_log_probs")  # [1, beam, tokens]
+    top_ids = outputs.get("top_logprob_ids")  # [1, tokens, N]
+    top_values = outputs.get("top_logprob_values")
     top: list[list[tuple[int, float]]] | None = None
     if top_ids is not None and top_values is not None and top_ids.size and top_ids.ndim >= 2:
         width = top_ids.shape[-1]
@@ -163,17 +173,17 @@ def parse_outputs(result: InferResult) -> EngineChunk:
             [(int(i), float(v)) for i, v in zip(row_ids, row_values) if i >= 0]
             for row_ids, row_values in zip(top_ids.reshape(-1, width), top_values.reshape(-1, width))
         ]
-    cum = result.as_numpy("cum_log_probs")
+    cum = outputs.get("cum_log_probs")
     return EngineChunk(
-        text=_first_str(result.as_numpy("text_output")) or "",
+        text=_first_str(outputs.get("text_output")) or "",
         token_ids=ids,
         log_probs=[float(v) for v in log_probs.reshape(-1)] if log_probs is not None and log_probs.size else None,
         top_logprobs=top,
-        finish_reason=_first_str(result.as_numpy("finish_reason")) or None,
-        stop_reason=_first_str(result.as_numpy("stop_reason")) or None,
-        num_input_tokens=_first_int(result.as_numpy("num_input_tokens")),
-        num_cached_tokens=_first_int(result.as_numpy("num_cached_tokens")),
-        num_output_tokens=_first_int(result.as_numpy("num_output_tokens")),
+        finish_reason=_first_str(outputs.get("finish_reason")) or None,
+        stop_reason=_first_str(outputs.get("stop_reason")) or None,
+        num_input_tokens=_first_int(outputs.get("num_input_tokens")),
+        num_cached_tokens=_first_int(outputs.get("num_cached_tokens")),
+        num_output_tokens=_first_int(outputs.get("num_output_tokens")),
         cum_log_prob=float(cum.reshape(-1)[0]) if cum is not None and cum.size else None,
     )
 
@@ -245,7 +255,8 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> APIError:
 
 
 class TritonEngine:
-    """Generation through Triton's `ensemble` over one shared gRPC channel."""
+    """Generation through Triton over one shared gRPC channel: from the engine model with the ensemble's other steps
+    run here, or through the `ensemble`."""
 
     def __init__(
         self,
@@ -255,7 +266,10 @@ class TritonEngine:
         *,
         ready_timeout_s: float = 2.0,
         cancel_timeout_s: float = 10.0,
+        tokenizer=None,
     ):
+        """With a `tokenizer`, requests run the ensemble's preprocessing and postprocessing steps here and stream
+        from the engine model (`PipelineSteps`); without one, through the ensemble."""
         self.url = url
         self.model_name = model_name
         self.engine_model_name = engine_model_name
@@ -264,6 +278,9 @@ class TritonEngine:
         self._client = InferenceServerClient(url)  # create inside the running event loop (the app's lifespan)
         self._background: set[asyncio.Task] = set()
         self._in_flight: dict[str, asyncio.Task] = {}  # request id -> reader task, of open generate() streams
+        self._tokenizer = tokenizer
+        self._steps: PipelineSteps | None = None
+        self._steps_known = tokenizer is None  # whether _steps is settled (read from Triton once it answers)
 
     async def close(self) -> None:
         # At shutdown uvicorn cancels the streaming tasks without closing their generators, so the requests
@@ -288,12 +305,44 @@ class TritonEngine:
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             return False
 
+    async def _pipeline_steps(self) -> PipelineSteps | None:
+        """The served ensemble's steps, read from Triton the first time it answers; None: use the ensemble."""
+        if not self._steps_known:
+            try:
+                ensemble = await self._client.get_model_config(self.model_name, as_json=True)
+                scheduling = ensemble["config"].get("ensemble_scheduling", {})
+                first_step = next((step["model_name"] for step in scheduling.get("step", [])), None)
+                preprocessing = await self._client.get_model_config(first_step, as_json=True) if first_step else {}
+            except Exception as exc:  # noqa: BLE001 - Triton not up yet: this request goes through the ensemble
+                logger.warning("could not read the ensemble's steps from Triton: %s", exc)
+                return None
+            self._steps = PipelineSteps.from_configs(ensemble["config"], preprocessing.get("config", {}),
+                                                     self._tokenizer)
+            self._steps_known = True
+            logger.info("preprocessing and postprocessing: %s", "in the adapter" if self._steps else "in Triton")
+        return self._steps
+
+    async def _engine_request(
+        self, request_id: str, prompt: str | list[int], params: GenerationParams
+    ) -> tuple[service_pb2.ModelInferRequest, Callable[[Tensors], EngineChunk]]:
+        """The gRPC request to send, and how to read each of its responses' outputs."""
+        tensors = ensemble_inputs(prompt, params)
+        steps = await self._pipeline_steps()
+        if steps is None:
+            return infer_request(self.model_name, request_id, tensors, ensemble_outputs(params)), parse_outputs
+        try:
+            # Tokenizing a long prompt takes milliseconds: off the event loop.
+            engine_inputs = await asyncio.to_thread(steps.engine_inputs, tensors, request_id)
+        except InvalidRequest as exc:
+            raise error_from_message(str(exc)) from None
+        postprocess = steps.postprocessor(stop_engine=lambda key: self._in_background(self.cancel(key)))
+        return infer_request(steps.engine.model, request_id, engine_inputs), lambda outputs: parse_outputs(
+            postprocess(outputs))
+
     async def generate(
         self, request_id: str, prompt: str | list[int], params: GenerationParams
     ) -> AsyncIterator[EngineChunk]:
-        request = infer_request(
-            self.model_name, request_id, ensemble_inputs(prompt, params), ensemble_outputs(params)
-        )
+        request, read_outputs = await self._engine_request(request_id, prompt, params)
         finished = False
         call, done = self._open_stream(request)
         # The call is read by a task of its own: when the consumer of this generator is cancelled (a client
@@ -313,7 +362,8 @@ class TritonEngine:
                     finished = True
                     raise error_from_message(response.error_message)
                 final = is_final(response.infer_response)
-                chunk = parse_outputs(InferResult(response.infer_response)) if response.infer_response.outputs else None
+                outputs = response.infer_response.outputs
+                chunk = read_outputs(output_arrays(response.infer_response)) if outputs else None
                 finished = finished or final or (chunk is not None and chunk.finish_reason is not None)
                 if chunk is not None:
                     yield chunk

@@ -1,4 +1,4 @@
-"""Serving load through the whole stack (OpenAI API -> adapter -> Triton ensemble -> CPU engine), the way users
+"""Serving load through the whole stack (OpenAI API -> adapter -> Triton -> CPU engine), the way users
 measure it, with its baselines in the same run.
 
     .venv/bin/python -m bench.serve_load [--url http://host:8000/v1] [--concurrency 1 4 16 32]

@@ -3,12 +3,14 @@ in-process engine in the same run, and each process's CPU per delivered token.
 
     .venv/bin/python -m bench.stack_layers [--passes 6] [--rounds 2] [--concurrency 1]
 
-Layers, each adding to the one before: the CPU engine driven in-process (the floor); a gRPC client streaming
-from Triton's `tensorrt_llm` model directly (Triton and the engine's Python-backend host); the same client
-streaming from the `ensemble` (adds preprocessing and the per-token postprocessing hop); an OpenAI client
-streaming /v1/completions (adds the adapter, HTTP and SSE). Every layer runs --passes times, interleaved with
-the others (this machine's noise is about 15% run to run); each is reported as its median pass. Prompts are
-distinct (`serve_load.Prompts`), 128 tokens in and out with ignore_eos, as in bench.serve_load.
+Layers: the CPU engine driven in-process (the floor); a gRPC client streaming from Triton's `tensorrt_llm` model
+directly (Triton and the engine's Python-backend host); the same client streaming from the `ensemble` (adds
+preprocessing and the per-response postprocessing hop); an OpenAI client streaming /v1/completions from the
+adapter set to go through the ensemble (NIM_PIPELINE_IN_ADAPTER=0: adds the adapter, HTTP and SSE); and from the
+adapter as it runs by default, preprocessing and postprocessing in it and streaming from `tensorrt_llm`. Every
+layer runs --passes times, interleaved with the others (this machine's noise is about 15% run to run); each is
+reported as its median pass. Prompts are distinct (`serve_load.Prompts`), 128 tokens in and out with ignore_eos,
+as in bench.serve_load.
 """
 
 from __future__ import annotations
@@ -149,29 +151,39 @@ def main() -> None:
     prompts = Prompts(model_dir, args.input_tokens)
     n, out, rounds = args.concurrency, args.output_tokens, args.rounds
     stack = start_load_stack(model_dir, bench_cache("bench"), max(n, 2), args.input_tokens, out)
-    url, grpc_url = stack.openai_base_url, stack.grpc_url
-    layers = {
-        "gRPC to tensorrt_llm": lambda: asyncio.run(grpc_level(grpc_url, "tensorrt_llm", prompts, n, out, rounds)),
-        "gRPC to ensemble": lambda: asyncio.run(grpc_level(grpc_url, "ensemble", prompts, n, out, rounds)),
-        "HTTP to the adapter": lambda: asyncio.run(run_level(url, stack.model_name, prompts, n, out, True, rounds)),
+    # The same service with every request through Triton's ensemble, the adapter's default before.
+    via_ensemble = start_load_stack(model_dir, bench_cache("bench-ensemble"), max(n, 2), args.input_tokens, out,
+                                    NIM_PIPELINE_IN_ADAPTER="0")
+    model = stack.model_name
+    layers = {  # name -> (one pass, the stack whose CPU it counts)
+        "gRPC to tensorrt_llm": (lambda: asyncio.run(grpc_level(stack.grpc_url, "tensorrt_llm", prompts, n, out,
+                                                                  rounds)), stack),
+        "gRPC to ensemble": (lambda: asyncio.run(grpc_level(stack.grpc_url, "ensemble", prompts, n, out, rounds)),
+                             stack),
+        "HTTP to the adapter, through the ensemble": (lambda: asyncio.run(run_level(
+            via_ensemble.openai_base_url, model, prompts, n, out, True, rounds)), via_ensemble),
+        "HTTP to the adapter (pre- and postprocessing in it)": (lambda: asyncio.run(run_level(
+            stack.openai_base_url, model, prompts, n, out, True, rounds)), stack),
     }
     runs: dict[str, list[dict]] = {}
     try:
         with Engine(model_dir, max_batch_size=max(n, 2), max_seq_len=load_context(prompts.length, out)) as engine:
-            layers = {"in-process engine": lambda: in_process_load(engine, prompts, n, out, rounds), **layers}
-            for run in layers.values():  # warm-up
+            layers = {"in-process engine": (lambda: in_process_load(engine, prompts, n, out, rounds), stack),
+                      **layers}
+            for run, _ in layers.values():  # warm-up
                 run()
             for _ in range(args.passes):
-                for name, run in layers.items():
-                    before = stack_cpu(stack, torch.get_num_threads())
+                for name, (run, measured) in layers.items():
+                    before = stack_cpu(measured, torch.get_num_threads())
                     result = run()
-                    after = stack_cpu(stack, torch.get_num_threads())
+                    after = stack_cpu(measured, torch.get_num_threads())
                     tokens = result["output_tok_s"] * result["requests"] / result["requests_s"]
                     result["cpu_ms_per_token"] = {k: 1000 * (after[k] - before.get(k, 0.0)) / tokens for k in after}
                     runs.setdefault(name, []).append(result)
                     print(name, {k: round(v, 2) for k, v in result.items() if k != "cpu_ms_per_token"}, flush=True)
     finally:
         stop_stack(stack)
+        stop_stack(via_ensemble)
     write_results(f"stack_layers-c{n}", layers_table(model_dir, args, runs), runs)
 
 

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, np_to_triton_dtype, serialize_byte_tensor, triton_to_np_dtype
 
 from adapter.engine import GenerationParams
@@ -30,6 +30,7 @@ from adapter.triton_engine import (
     ensemble_inputs,
     error_from_message,
     infer_request,
+    output_arrays,
     parse_outputs,
 )
 from launcher.serve import free_port
@@ -184,11 +185,11 @@ def test_infer_request_round_trips_and_asks_for_the_empty_final_response():
 
 def test_parse_outputs():
     outputs = step_outputs("Hi", [7, 8], 2, "stop", "###")
-    chunk = parse_outputs(InferResult(infer_response("r", outputs, False)))
+    chunk = parse_outputs(output_arrays(infer_response("r", outputs, False)))
     assert (chunk.text, chunk.token_ids, chunk.finish_reason, chunk.stop_reason) == ("Hi", [7, 8], "stop", "###")
     assert chunk.log_probs == [-0.5, -0.5] and chunk.top_logprobs == [[(7, -0.5)], [(8, -0.5)]]
     assert (chunk.num_input_tokens, chunk.num_output_tokens, chunk.cum_log_prob) == (5, 2, -1.0)
-    empty = parse_outputs(InferResult(infer_response("r", step_outputs("", [], 2), False)))
+    empty = parse_outputs(output_arrays(infer_response("r", step_outputs("", [], 2), False)))
     assert empty.text == "" and empty.token_ids == [] and empty.finish_reason is None and empty.log_probs is None
 
 
