@@ -36,6 +36,8 @@ class Step:
 
 @dataclass(frozen=True)
 class PipelineSteps:
+    """preprocessing -> engine -> postprocessing as the served ensemble wires them; only the engine runs in Triton."""
+
     preprocessing: Step
     engine: Step
     postprocessing: Step

@@ -237,6 +237,12 @@ def error_from_message(message: str) -> APIError:
     return EngineInternalError()
 
 
+def error_from_invalid_request(exc: InvalidRequest) -> APIError:
+    """Preprocessing's verdict on a request when the adapter runs it: always the client's to fix."""
+    message = str(exc)
+    return ContextLengthError(message) if _CONTEXT_LENGTH.search(message) else BadRequestError(message)
+
+
 def error_from_rpc(error: grpc.aio.AioRpcError) -> APIError:
     code, details = error.code(), error.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -334,7 +340,7 @@ class TritonEngine:
             # Tokenizing a long prompt takes milliseconds: off the event loop.
             engine_inputs = await asyncio.to_thread(steps.engine_inputs, tensors, request_id)
         except InvalidRequest as exc:
-            raise error_from_message(str(exc)) from None
+            raise error_from_invalid_request(exc) from None
         postprocess = steps.postprocessor(stop_engine=lambda key: self._in_background(self.cancel(key)))
         return infer_request(steps.engine.model, request_id, engine_inputs), lambda outputs: parse_outputs(
             postprocess(outputs))
