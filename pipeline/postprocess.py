@@ -32,6 +32,7 @@ STALE_AFTER_S = 600.0
 
 @dataclass
 class _Stream:
+    context: RequestContext
     decoder: StreamDecoder
     stop_string: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
@@ -41,20 +42,24 @@ class Postprocessor:
     def __init__(self, tokenizer: Tokenizer, stop_engine: Callable[[str], None]):
         self.tokenizer = tokenizer
         self.stop_engine = stop_engine
+        # By the request's context as the engine echoes it, unchanged at every response (its key makes it unique):
+        # the JSON is parsed once per request, not once per streamed token.
         self.streams: dict[str, _Stream] = {}
 
     def __call__(self, inputs: Tensors) -> Tensors:
-        context = RequestContext.from_json(scalar(inputs, "REQUEST_CONTEXT"))
+        echoed_context = scalar(inputs, "REQUEST_CONTEXT")
         tokens = inputs["TOKENS_BATCH"].reshape(-1)
         length = scalar(inputs, "SEQUENCE_LENGTH", len(tokens))
         token_ids = [int(t) for t in tokens[:length]]
         finish_reason = scalar(inputs, "FINISH_REASON", "")
         stop_reason = scalar(inputs, "STOP_REASON", "")
 
-        stream = self.streams.get(context.key)
+        stream = self.streams.get(echoed_context)
         if stream is None:
             self._forget_stale()
+            context = RequestContext.from_json(echoed_context)
             stream = _Stream(
+                context,
                 StreamDecoder(
                     self.tokenizer,
                     context.stop,
@@ -62,7 +67,8 @@ class Postprocessor:
                     skip_special_tokens=context.skip_special_tokens,
                 )
             )
-            self.streams[context.key] = stream
+            self.streams[echoed_context] = stream
+        context = stream.context
         stream.last_seen = time.monotonic()
 
         already_stopped = stream.stop_string is not None
@@ -75,7 +81,7 @@ class Postprocessor:
         if stream.stop_string is not None and finish_reason:
             finish_reason, stop_reason = "stop", stream.stop_string
         if finish_reason:
-            del self.streams[context.key]
+            del self.streams[echoed_context]
 
         outputs = {
             "OUTPUT": np.array([[step.text.encode("utf-8")]], dtype=np.object_),
