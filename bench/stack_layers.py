@@ -1,7 +1,7 @@
 """Where the serving stack's time goes at one stream: the same load through each layer in turn, with the
 in-process engine in the same run, and each process's CPU per delivered token.
 
-    .venv/bin/python -m bench.stack_layers [--passes 6] [--rounds 2] [--concurrency 1]
+    .venv/bin/python -m bench.stack_layers [--passes 6] [--rounds 2] [--concurrency 1] [--layers http,...]
 
 Layers: the CPU engine driven in-process (the floor); a gRPC client streaming from Triton's `tensorrt_llm` model
 directly (Triton and the engine's Python-backend host); the same client streaming from the `ensemble` (adds
@@ -9,8 +9,10 @@ preprocessing and the per-response postprocessing hop); an OpenAI client streami
 adapter set to go through the ensemble (NIM_PIPELINE_IN_ADAPTER=0: adds the adapter, HTTP and SSE); and from the
 adapter as it runs by default, preprocessing and postprocessing in it and streaming from `tensorrt_llm`. Every
 layer runs --passes times, interleaved with the others (this machine's noise is about 15% run to run); each is
-reported as its median pass. Prompts are distinct (`serve_load.Prompts`), 128 tokens in and out with ignore_eos,
-as in bench.serve_load.
+reported as its median pass, and as the median (and quartiles) of its passes' ratios to the in-process pass run
+just before them: the machine's drift cancels out of a pair. `--layers` picks some of grpc-engine, grpc-ensemble,
+http-ensemble and http (default: all). Prompts are distinct (`serve_load.Prompts`), 128 tokens in and out with
+ignore_eos, as in bench.serve_load.
 """
 
 from __future__ import annotations
@@ -37,9 +39,17 @@ from bench.serve_load import (
     summarize,
     write_results,
 )
+from launcher.cpu_cores import split_cores
 from launcher.stack_process import Stack, descendants
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LAYERS = {  # --layers id -> the layer's name in the results
+    "grpc-engine": "gRPC to tensorrt_llm",
+    "grpc-ensemble": "gRPC to ensemble",
+    "http-ensemble": "HTTP to the adapter, through the ensemble",
+    "http": "HTTP to the adapter (pre- and postprocessing in it)",
+}
+IN_PROCESS = "in-process engine"
 
 
 def engine_model_inputs(prompt: list[int], output_tokens: int) -> dict[str, np.ndarray]:
@@ -139,7 +149,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client in each pass")
     parser.add_argument("--input-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated, of: " + ", ".join(LAYERS))
+    parser.add_argument("--engine-cores", default="", help="ENGINE_CPU_CORES for the stack and the in-process "
+                        "engine (e.g. 0); this benchmark's client then runs on the other cores")
     args = parser.parse_args()
+    chosen = args.layers.split(",")
+    if unknown := set(chosen) - set(LAYERS):
+        parser.error(f"unknown layers {sorted(unknown)}: use {', '.join(LAYERS)}")
 
     import torch
 
@@ -150,41 +166,50 @@ def main() -> None:
     model_dir = (args.model_dir or ensure_default_model()).resolve()
     prompts = Prompts(model_dir, args.input_tokens)
     n, out, rounds = args.concurrency, args.output_tokens, args.rounds
-    stack = start_load_stack(model_dir, bench_cache("bench"), max(n, 2), args.input_tokens, out)
+    engine_cores = None
+    cores_env = {"ENGINE_CPU_CORES": args.engine_cores} if args.engine_cores else {}
+    if args.engine_cores:
+        engine_cores, other_cores = split_cores(args.engine_cores)
+    stack = start_load_stack(model_dir, bench_cache("bench"), max(n, 2), args.input_tokens, out, **cores_env)
     # The same service with every request through Triton's ensemble, the adapter's default before.
-    via_ensemble = start_load_stack(model_dir, bench_cache("bench-ensemble"), max(n, 2), args.input_tokens, out,
-                                    NIM_PIPELINE_IN_ADAPTER="0")
+    via_ensemble = (start_load_stack(model_dir, bench_cache("bench-ensemble"), max(n, 2), args.input_tokens, out,
+                                     NIM_PIPELINE_IN_ADAPTER="0", **cores_env) if "http-ensemble" in chosen else None)
+    if engine_cores:  # now that the stacks started with every core (launcher/cpu_cores.py)
+        os.sched_setaffinity(0, other_cores)  # the client, as the launcher confines the service's other threads
     model = stack.model_name
-    layers = {  # name -> (one pass, the stack whose CPU it counts)
-        "gRPC to tensorrt_llm": (lambda: asyncio.run(grpc_level(stack.grpc_url, "tensorrt_llm", prompts, n, out,
-                                                                  rounds)), stack),
-        "gRPC to ensemble": (lambda: asyncio.run(grpc_level(stack.grpc_url, "ensemble", prompts, n, out, rounds)),
-                             stack),
-        "HTTP to the adapter, through the ensemble": (lambda: asyncio.run(run_level(
-            via_ensemble.openai_base_url, model, prompts, n, out, True, rounds)), via_ensemble),
-        "HTTP to the adapter (pre- and postprocessing in it)": (lambda: asyncio.run(run_level(
-            stack.openai_base_url, model, prompts, n, out, True, rounds)), stack),
+    passes = {  # layer id -> (one pass, the stack whose CPU it counts)
+        "grpc-engine": (lambda: asyncio.run(grpc_level(stack.grpc_url, "tensorrt_llm", prompts, n, out, rounds)),
+                        stack),
+        "grpc-ensemble": (lambda: asyncio.run(grpc_level(stack.grpc_url, "ensemble", prompts, n, out, rounds)),
+                          stack),
+        "http-ensemble": (lambda: asyncio.run(run_level(via_ensemble.openai_base_url, model, prompts, n, out, True,
+                                                        rounds)), via_ensemble),
+        "http": (lambda: asyncio.run(run_level(stack.openai_base_url, model, prompts, n, out, True, rounds)), stack),
     }
+    layers = {LAYERS[key]: passes[key] for key in LAYERS if key in chosen}
     runs: dict[str, list[dict]] = {}
+    compute_threads = len(engine_cores) if engine_cores else torch.get_num_threads()  # the engine's, per process
     try:
-        with Engine(model_dir, max_batch_size=max(n, 2), max_seq_len=load_context(prompts.length, out)) as engine:
-            layers = {"in-process engine": (lambda: in_process_load(engine, prompts, n, out, rounds), stack),
-                      **layers}
+        with Engine(model_dir, max_batch_size=max(n, 2), max_seq_len=load_context(prompts.length, out),
+                    cpu_cores=engine_cores) as engine:
+            layers = {IN_PROCESS: (lambda: in_process_load(engine, prompts, n, out, rounds), stack), **layers}
             for run, _ in layers.values():  # warm-up
                 run()
             for _ in range(args.passes):
                 for name, (run, measured) in layers.items():
-                    before = stack_cpu(measured, torch.get_num_threads())
+                    before = stack_cpu(measured, compute_threads)
                     result = run()
-                    after = stack_cpu(measured, torch.get_num_threads())
+                    after = stack_cpu(measured, compute_threads)
                     tokens = result["output_tok_s"] * result["requests"] / result["requests_s"]
                     result["cpu_ms_per_token"] = {k: 1000 * (after[k] - before.get(k, 0.0)) / tokens for k in after}
                     runs.setdefault(name, []).append(result)
                     print(name, {k: round(v, 2) for k, v in result.items() if k != "cpu_ms_per_token"}, flush=True)
     finally:
         stop_stack(stack)
-        stop_stack(via_ensemble)
-    write_results(f"stack_layers-c{n}", layers_table(model_dir, args, runs), runs)
+        if via_ensemble is not None:
+            stop_stack(via_ensemble)
+    suffix = f"-engine-cores-{args.engine_cores}" if args.engine_cores else ""
+    write_results(f"stack_layers-c{n}{suffix}", layers_table(model_dir, args, runs), runs)
 
 
 def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str]:
@@ -194,19 +219,31 @@ def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str
     def cpu(name: str, part: str) -> float:
         return statistics.median(r["cpu_ms_per_token"].get(part, 0.0) for r in runs[name])
 
-    floor = median("in-process engine", "e2e_p50_s")
+    def paired(name: str) -> str:
+        """Against the in-process pass before each of the layer's: the median and quartiles of its e2e, % behind,
+        and the median of its first token's difference."""
+        if name == IN_PROCESS:
+            return " | "
+        ratios = [r["e2e_p50_s"] / f["e2e_p50_s"] - 1 for r, f in zip(runs[name], runs[IN_PROCESS])]
+        low, mid, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        ttft = statistics.median(r["ttft_p50_ms"] - f["ttft_p50_ms"] for r, f in zip(runs[name], runs[IN_PROCESS]))
+        return f"{100 * mid:+.0f}% ({100 * low:+.0f}% to {100 * high:+.0f}%) | {ttft:+.1f}"
+
+    floor = median(IN_PROCESS, "e2e_p50_s")
     parts = ["client", "adapter", "tritonserver", "postprocessing", "engine relay"]
-    lines = [f"# {platform.machine()}, {os.cpu_count()} cores, model {model_dir.name}, {args.input_tokens} in / "
-             f"{args.output_tokens} out tokens, ignore_eos, concurrency {args.concurrency}, medians of "
+    cores = f", the engine on cores {args.engine_cores} (ENGINE_CPU_CORES)" if args.engine_cores else ""
+    lines = [f"# {platform.machine()}, {os.cpu_count()} cores{cores}, model {model_dir.name}, {args.input_tokens} in "
+             f"/ {args.output_tokens} out tokens, ignore_eos, concurrency {args.concurrency}, medians of "
              f"{args.passes} interleaved passes of {args.rounds} request(s) per client", "",
-             "| layer | TTFT p50 ms | ITL p50 ms | e2e p50 s | behind in-process | CPU ms per token: "
-             + " / ".join(parts) + " |", "|---|---|---|---|---|---|"]
+             "| layer | TTFT p50 ms | ITL p50 ms | e2e p50 s | behind in-process | paired: e2e behind, median "
+             "(quartiles) | paired: TTFT ms more | CPU ms per token: " + " / ".join(parts) + " |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in runs:
         e2e = median(name, "e2e_p50_s")
         # In-process, this process is the engine itself: no stack, no client to count.
-        cells = "" if name == "in-process engine" else " / ".join(f"{cpu(name, p):.2f}" for p in parts)
+        cells = "" if name == IN_PROCESS else " / ".join(f"{cpu(name, p):.2f}" for p in parts)
         lines.append(f"| {name} | {median(name, 'ttft_p50_ms'):.0f} | {median(name, 'itl_p50_ms'):.2f} | {e2e:.3f} | "
-                     f"{100 * (e2e / floor - 1):+.0f}% | {cells} |")
+                     f"{100 * (e2e / floor - 1):+.0f}% | {paired(name)} | {cells} |")
     return lines
 
 

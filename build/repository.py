@@ -26,7 +26,8 @@ class RepositorySettings:
     max_batch_size: int = 16  # sequences decoded together by the engine
     max_queue_size: int = 64  # requests waiting for a slot before the engine answers "full"
     dtype: str = "float32"
-    num_threads: int = 0  # 0: torch's default
+    num_threads: int = 0  # 0: torch's default (one per core of cpu_cores when given)
+    cpu_cores: str = ""  # cpu: the engine's own cores as a CPU list ("0-3"; launcher/cpu_cores.py); "": any
     stream_interval: int = 0  # engine steps between streamed responses (TensorRT-LLM's); 0: auto on cpu, 1 on gpu
     kv_cache_reuse: bool = True  # cpu: prompts skip the prefill of what a cache slot already holds
     engine_kind: str = "cpu"  # "synthetic": no model, tokens instantly; for benchmarking the stack only
@@ -43,6 +44,7 @@ class RepositorySettings:
                 "max_queue_size": str(self.max_queue_size),
                 "dtype": self.dtype,
                 "num_threads": str(self.num_threads),
+                "cpu_cores": self.cpu_cores,
                 "stream_interval": str(self.stream_interval),
                 "enable_kv_cache_reuse": str(self.kv_cache_reuse).lower(),  # TensorRT-LLM's parameter name
                 "engine_kind": self.engine_kind,

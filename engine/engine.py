@@ -141,10 +141,11 @@ class Engine:
         num_threads: int | None = None,
         stream_interval: int = 0,
         kv_cache_reuse: bool = True,
+        cpu_cores: frozenset[int] | None = None,
     ):
         self._start(
             Decoder.from_dir(checkpoint_dir, dtype), max_batch_size, max_seq_len, max_queue_size, num_threads,
-            stream_interval, kv_cache_reuse,
+            stream_interval, kv_cache_reuse, cpu_cores,
         )
 
     @classmethod
@@ -158,13 +159,15 @@ class Engine:
         num_threads: int | None = None,
         stream_interval: int = 0,
         kv_cache_reuse: bool = True,
+        cpu_cores: frozenset[int] | None = None,
     ) -> "Engine":
         engine = cls.__new__(cls)
-        engine._start(model, max_batch_size, max_seq_len, max_queue_size, num_threads, stream_interval, kv_cache_reuse)
+        engine._start(model, max_batch_size, max_seq_len, max_queue_size, num_threads, stream_interval, kv_cache_reuse,
+                      cpu_cores)
         return engine
 
     def _start(self, model: Decoder, max_batch_size, max_seq_len, max_queue_size, num_threads, stream_interval,
-               kv_cache_reuse) -> None:
+               kv_cache_reuse, cpu_cores) -> None:
         if max_batch_size < 1 or max_queue_size < 0 or stream_interval < 0:
             raise ValueError("max_batch_size must be >= 1, max_queue_size and stream_interval >= 0")
         self.model = model
@@ -172,7 +175,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
         self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
-        self._num_threads = num_threads
+        # On cores of its own (launcher/cpu_cores.py), one compute thread per core unless told otherwise.
+        self._cpu_cores = cpu_cores
+        self._num_threads = num_threads or (len(cpu_cores) if cpu_cores else None)
         self.stream_interval = stream_interval
         self._step = 0  # rounds of the loop so far: the clock of stream_interval
         self._streams = 0  # streaming requests running in this round: what the auto interval is set by
@@ -191,8 +196,13 @@ class Engine:
         self._reused_tokens = 0  # prompt tokens taken from the cache instead of prefilled, since the start
         self._cancels: set[str] = set()
         self._closed = False
+        self._placed = threading.Event()  # the engine thread is on its cores: a launcher may confine the rest
+        self._placement_error: OSError | None = None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+        self._placed.wait()
+        if self._placement_error:
+            raise ValueError(f"the engine cannot run on cores {sorted(cpu_cores)}") from self._placement_error
 
     # ---- client API (any thread) -----------------------------------------------------------------
 
@@ -274,7 +284,16 @@ class Engine:
     # ---- engine thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        _yield_cores_to_other_processes()  # before this thread's first parallel region starts its workers
+        # Both before this thread's first parallel region: the OpenMP workers it starts inherit them.
+        try:
+            if self._cpu_cores:
+                os.sched_setaffinity(0, self._cpu_cores)  # 0: this thread
+        except OSError as exc:
+            self._placement_error = exc
+            return
+        finally:
+            self._placed.set()
+        _yield_cores_to_other_processes()
         if self._num_threads:
             torch.set_num_threads(self._num_threads)
         with torch.inference_mode():

@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from build.repository import RepositorySettings, render_repository
+from launcher.cpu_cores import confine, split_cores
 from launcher.tritonserver import find_triton
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,16 +44,21 @@ class LaunchSettings(BaseSettings):
     engine_max_queue_size: int = 64
     engine_dtype: str = "float32"
     engine_num_threads: int = 0
+    engine_cpu_cores: str = ""  # the engine's own cores, e.g. "0-5"; the rest of the service gets the others
     engine_stream_interval: int = 0  # 0: auto (engine.engine.AUTO_STREAMS_PER_STEP)
     nim_enable_kv_cache_reuse: bool = True  # prompts skip the prefill of what a cache slot holds (prefix_cache.py)
     engine_kind: str = "cpu"  # "synthetic" only for benchmarking the serving stack
     triton_ready_timeout_s: float = 600.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(taken: frozenset[int] = frozenset()) -> int:
+    """A port free now and not among `taken` (ports chosen but not yet bound, which the kernel may hand out again)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def _die_with_parent() -> None:
@@ -61,8 +67,13 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent, process_group=0)
+def _start(argv: list[str], env: dict[str, str], cores: frozenset[int] | None = None) -> subprocess.Popen:
+    def before_exec():
+        _die_with_parent()
+        if cores:
+            os.sched_setaffinity(0, cores)
+
+    return subprocess.Popen(argv, env=env, preexec_fn=before_exec, process_group=0)
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float, what: str) -> None:
@@ -78,6 +89,23 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float, what: str
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{what} was not ready after {timeout_s:.0f} s")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (children, theirs, ...), from /proc's parent ids."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
 
 
 TRITON_EXIT_TIMEOUT_S = 5
@@ -112,6 +140,16 @@ def main() -> None:
         model_dir = ensure_default_model()
     model_dir = model_dir.resolve()
 
+    engine_cores = other_cores = None
+    if settings.engine_cpu_cores:
+        try:
+            engine_cores, other_cores = split_cores(settings.engine_cpu_cores)
+        except ValueError as exc:
+            log.error("%s", exc)
+            sys.exit(1)
+        log.info("the engine computes on cores %s, the rest of the service on %s", sorted(engine_cores),
+                 sorted(other_cores))
+
     work_dir = settings.nim_cache_path / "run"
     triton = find_triton(work_dir)
     repository = render_repository(
@@ -123,13 +161,15 @@ def main() -> None:
             max_queue_size=settings.engine_max_queue_size,
             dtype=settings.engine_dtype,
             num_threads=settings.engine_num_threads,
+            cpu_cores=settings.engine_cpu_cores,
             stream_interval=settings.engine_stream_interval,
             kv_cache_reuse=settings.nim_enable_kv_cache_reuse,
             engine_kind=settings.engine_kind,
         ),
         work_dir / "model_repository",
     )
-    http_port = settings.triton_http_port or free_port()
+    http_port = settings.triton_http_port or free_port(
+        frozenset({settings.nim_server_port, settings.triton_grpc_port, settings.triton_metrics_port}))
     triton_env = triton.environment(python_path=[str(REPO_ROOT)])
     processes: list[subprocess.Popen] = []
 
@@ -168,6 +208,9 @@ def main() -> None:
         log.error("%s", exc)
         _stop(processes)
         sys.exit(1)
+    if engine_cores:
+        # Everything started with all the cores (see launcher/cpu_cores.py); the engine thread is on its own now.
+        confine({server.pid, *descendants(server.pid)}, engine_cores, other_cores)
     log.info("ensemble ready; starting the OpenAI adapter on port %d", settings.nim_server_port)
 
     adapter_env = dict(os.environ)
@@ -179,7 +222,7 @@ def main() -> None:
         NIM_MAX_MODEL_LEN=str(settings.nim_max_model_len),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     )
-    adapter = _start([sys.executable, "-m", "adapter"], adapter_env)
+    adapter = _start([sys.executable, "-m", "adapter"], adapter_env, other_cores)
     processes.append(adapter)
 
     reported_triton_exit = False

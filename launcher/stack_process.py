@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.serve import REPO_ROOT, free_port, stop_process
+from launcher.serve import REPO_ROOT, descendants, free_port, stop_process  # noqa: F401 - descendants: re-exported
 
 
 @dataclass
@@ -40,7 +40,9 @@ class Stack:
 
 def start_stack(model_dir: Path, work_dir: Path, timeout_s: float = 300.0, **extra_env: str) -> Stack:
     work_dir.mkdir(parents=True, exist_ok=True)
-    openai_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    openai_port = free_port()
+    grpc_port = free_port(frozenset({openai_port}))
+    metrics_port = free_port(frozenset({openai_port, grpc_port}))
     env = dict(os.environ)
     env.update(
         MODEL_DIR=str(model_dir),
@@ -74,20 +76,3 @@ def start_stack(model_dir: Path, work_dir: Path, timeout_s: float = 300.0, **ext
 
 def stop_stack(stack: Stack) -> None:
     stop_process(stack.process, timeout_s=30)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (children, theirs, ...), from /proc's parent ids."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found

@@ -737,3 +737,17 @@ def test_engine_threads_yield_the_cores_to_other_processes(checkpoints, monkeypa
         assert os.sched_getscheduler(engine._thread.native_id) == policy
         if torch.get_num_threads() > 1:
             assert started and all(os.sched_getscheduler(int(tid)) == policy for tid in started)
+
+
+def test_engine_on_cores_of_its_own_computes_only_there(checkpoints):
+    """ENGINE_CPU_CORES (launcher/cpu_cores.py): the engine thread and its OpenMP workers stay on the given cores,
+    one thread per core; cores this process may not use are refused at construction."""
+    cores = frozenset(sorted(os.sched_getaffinity(0))[:1])
+    with Engine(checkpoints["gemma3"], max_batch_size=1, max_seq_len=64, cpu_cores=cores) as engine:
+        before = set(os.listdir("/proc/self/task"))
+        assert generate(engine, prompt(20), greedy(3)).num_output_tokens == 3
+        started = set(os.listdir("/proc/self/task")) - before
+        assert os.sched_getaffinity(engine._thread.native_id) == cores
+        assert all(os.sched_getaffinity(int(tid)) == cores for tid in started)
+    with pytest.raises(ValueError, match="cannot run on cores"):
+        Engine(checkpoints["gemma3"], max_batch_size=1, max_seq_len=64, cpu_cores=frozenset({4096}))

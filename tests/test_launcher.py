@@ -11,7 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import httpx
+import pytest
 
+from launcher.cpu_cores import parse_cpu_list
 from launcher.stack_process import descendants, start_stack, stop_stack
 
 
@@ -110,3 +112,49 @@ def test_stopping_with_a_generation_in_flight_cancels_it_instead_of_waiting_for_
     client.join(30)
     assert stack.process.returncode == 0
     assert time.monotonic() - began < 15, stack.log_text()[-3000:]
+
+
+def test_cpu_lists_parse_as_the_kernel_writes_them():
+    assert parse_cpu_list("0-3,6") == {0, 1, 2, 3, 6}
+    assert parse_cpu_list(" 1 ") == {1}
+    for malformed in ("", "3-1", "0-", "a", "0,", "-1"):
+        with pytest.raises(ValueError, match="not a CPU list"):
+            parse_cpu_list(malformed)
+
+
+def thread_cores(pid: int) -> dict[int, frozenset[int]]:
+    cores = {}
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            cores[int(thread)] = frozenset(os.sched_getaffinity(int(thread)))
+        except OSError:
+            continue  # ended meanwhile
+    return cores
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core for the engine and one for the rest")
+def test_engine_cpu_cores_keep_every_other_thread_of_the_service_off_the_engines_cores(tiny_gemma_dir, tmp_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    engine_cores, rest = frozenset(allowed[:1]), frozenset(allowed[1:])
+    stack = start_stack(tiny_gemma_dir, tmp_path, NIM_MAX_MODEL_LEN="256", ENGINE_CPU_CORES=str(allowed[0]))
+    try:
+        body = {"model": stack.model_name, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True}
+        reply = httpx.post(f"{stack.openai_base_url}/completions", json=body, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+        engine_threads, other_threads = [], []
+        for pid in descendants(stack.process.pid):
+            threads = thread_cores(pid)
+            if "tensorrt_llm" in Path(f"/proc/{pid}/cmdline").read_text():
+                engine_threads += [t for t, cores in threads.items() if cores == engine_cores]
+                threads = {t: cores for t, cores in threads.items() if cores != engine_cores}
+            other_threads += threads.items()
+        assert engine_threads, "the engine's decode thread is not on its core"
+        assert len(other_threads) > 10  # tritonserver's, the three stubs', the adapter's
+        assert {cores for _, cores in other_threads} == {rest}
+    finally:
+        stop_stack(stack)
+
+
+def test_engine_cpu_cores_outside_this_machine_stop_the_launcher_with_a_clear_error(tiny_gemma_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="ENGINE_CPU_CORES=4096: this process may use only cores"):
+        start_stack(tiny_gemma_dir, tmp_path, ENGINE_CPU_CORES="4096")

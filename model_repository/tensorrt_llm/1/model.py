@@ -13,6 +13,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from engine import Engine, PromptTooLongError, QueueFullError
+from launcher.cpu_cores import parse_cpu_list
 from pipeline import engine_io
 from pipeline.output_relay import OutputRelay
 from pipeline.tensors import InvalidRequest
@@ -52,6 +53,7 @@ class TritonPythonModel:
                 num_threads=int(p["num_threads"]) or None,
                 stream_interval=int(p["stream_interval"]),
                 kv_cache_reuse=p["enable_kv_cache_reuse"] == "true",
+                cpu_cores=parse_cpu_list(p["cpu_cores"]) if p.get("cpu_cores") else None,
             )
         # Responses are built and sent off the engine thread, coalesced while sending lags.
         self.relay = OutputRelay(self._send)
