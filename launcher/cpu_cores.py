@@ -17,12 +17,15 @@ import os
 import re
 
 
+MAX_CPU = 1 << 16  # beyond any machine's core numbers; keeps a mistyped range from filling memory
+
+
 def parse_cpu_list(text: str) -> frozenset[int]:
     """The kernel's CPU list format ("0-3,6") as core numbers; ValueError when malformed or empty."""
     cores: set[int] = set()
     for part in text.split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
-        if match is None or int(match[2] or match[1]) < int(match[1]):
+        if match is None or not int(match[1]) <= int(match[2] or match[1]) < MAX_CPU:
             raise ValueError(f"not a CPU list: {text!r} (expected core numbers and ranges, e.g. 0-3,6)")
         cores.update(range(int(match[1]), int(match[2] or match[1]) + 1))
     return frozenset(cores)
