@@ -61,7 +61,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from build.default_model import ensure_default_model
-    from launcher.stack_process import descendants, start_stack, stop_stack
+    from launcher.serve import descendants
+    from launcher.stack_process import start_stack, stop_stack
 
     model_dir = ensure_default_model().resolve()
     prompts = Prompts(model_dir, args.context - OUTPUT_TOKENS)  # different ones: none is copied from the cache

@@ -40,7 +40,8 @@ from bench.serve_load import (
     write_results,
 )
 from launcher.cpu_cores import split_cores
-from launcher.stack_process import Stack, descendants
+from launcher.serve import descendants
+from launcher.stack_process import Stack
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LAYERS = {  # --layers id -> the layer's name in the results

@@ -16,18 +16,21 @@ from __future__ import annotations
 import os
 import re
 
-
 MAX_CPU = 1 << 16  # beyond any machine's core numbers; keeps a mistyped range from filling memory
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
     """The kernel's CPU list format ("0-3,6") as core numbers; ValueError when malformed or empty."""
+    malformed = ValueError(f"not a CPU list: {text!r} (expected core numbers and ranges, e.g. 0-3,6)")
     cores: set[int] = set()
     for part in text.split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
-        if match is None or not int(match[1]) <= int(match[2] or match[1]) < MAX_CPU:
-            raise ValueError(f"not a CPU list: {text!r} (expected core numbers and ranges, e.g. 0-3,6)")
-        cores.update(range(int(match[1]), int(match[2] or match[1]) + 1))
+        if match is None:
+            raise malformed
+        first, last = int(match[1]), int(match[2] or match[1])
+        if not first <= last < MAX_CPU:
+            raise malformed
+        cores.update(range(first, last + 1))
     return frozenset(cores)
 
 

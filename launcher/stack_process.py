@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.serve import REPO_ROOT, descendants, free_port, stop_process  # noqa: F401 - descendants: re-exported
+from launcher.serve import REPO_ROOT, free_port, stop_process
 
 
 @dataclass

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from launcher.cpu_cores import parse_cpu_list
-from launcher.stack_process import descendants, start_stack, stop_stack
+from launcher.serve import descendants
+from launcher.stack_process import start_stack, stop_stack
 
 
 def alive(pids: set[int]) -> set[int]:
