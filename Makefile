@@ -42,6 +42,7 @@ bench: model aiperf
 	$(PY) -m bench.engine_decode
 	$(PY) -m bench.serve_load
 	$(PY) -m bench.stack_layers
+	$(PY) -m bench.first_token
 	$(PY) -m bench.relay
 	$(PY) -m bench.aiperf_load
 	$(PY) -m bench.prefix_reuse

@@ -5,7 +5,8 @@ the whole prompt in one pass, alternating in one run.
     .venv/bin/python -m bench.long_prompt [--long-tokens 3000] [--passes 2]
 
 Reported per setting: the running streams' longest gap between two tokens and their median gap while the
-prompt is prefilled, and the long prompt's time to first token. Writes bench/results/long_prompt.md.
+prompt is prefilled, and the long prompt's time to first token. Writes bench/results/long_prompt.md and
+.json.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import platform
 import statistics
 import threading
 import time
-from pathlib import Path
 
-from bench.serve_load import RESULTS, Prompts
+from bench.serve_load import Prompts, write_results
 
 STREAMS = 4
 STREAM_TOKENS = 300
@@ -92,10 +92,7 @@ def main() -> None:
         cells = " | ".join(" / ".join(f"{r[key]:.0f}" for r in results)
                            for key in ("max_gap_ms", "median_gap_ms", "long_ttft_ms"))
         lines.append(f"| {name} | {cells} |")
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "long_prompt.md").write_text(text + "\n")
+    write_results("long_prompt", lines, runs)
 
 
 if __name__ == "__main__":

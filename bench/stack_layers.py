@@ -12,7 +12,8 @@ layer runs --passes times, interleaved with the others (this machine's noise is 
 reported as its median pass, and as the median (and quartiles) of its passes' ratios to the in-process pass run
 just before them: the machine's drift cancels out of a pair. `--layers` picks some of grpc-engine, grpc-ensemble,
 http-ensemble and http (default: all). Prompts are distinct (`serve_load.Prompts`), 128 tokens in and out with
-ignore_eos, as in bench.serve_load.
+ignore_eos, as in bench.serve_load. With `--output-tokens 1` (results in stack_layers-c1-out1.md) a pass is only
+first tokens: `--output-tokens 1 --rounds 1 --passes 30 --layers grpc-engine,http` pairs 30 of them.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ LAYERS = {  # --layers id -> the layer's name in the results
     "http": "HTTP to the adapter (pre- and postprocessing in it)",
 }
 IN_PROCESS = "in-process engine"
+DEFAULT_OUTPUT_TOKENS = 128
 
 
 def engine_model_inputs(prompt: list[int], output_tokens: int) -> dict[str, np.ndarray]:
@@ -107,6 +109,7 @@ async def grpc_level(grpc_url: str, model: str, prompts: Prompts, concurrency: i
         return [await one(prompts.take()) for _ in range(rounds)]
 
     try:
+        await client.is_server_live()  # the channel connects before the clock starts, as run_level's connections
         start = time.perf_counter()
         results = await asyncio.gather(*(worker() for _ in range(concurrency)))
         return summarize([t for per_worker in results for t in per_worker], time.perf_counter() - start)
@@ -149,7 +152,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2, help="requests per client in each pass")
     parser.add_argument("--input-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS)
     parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated, of: " + ", ".join(LAYERS))
     parser.add_argument("--engine-cores", default="", help="ENGINE_CPU_CORES for the stack and the in-process "
                         "engine (e.g. 0); this benchmark's client then runs on the other cores")
@@ -209,7 +212,9 @@ def main() -> None:
         stop_stack(stack)
         if via_ensemble is not None:
             stop_stack(via_ensemble)
-    suffix = f"-engine-cores-{args.engine_cores}" if args.engine_cores else ""
+    # Named apart from the default load's table: a run of one output token measures first tokens alone.
+    suffix = f"-out{out}" if out != DEFAULT_OUTPUT_TOKENS else ""
+    suffix += f"-engine-cores-{args.engine_cores}" if args.engine_cores else ""
     write_results(f"stack_layers-c{n}{suffix}", layers_table(model_dir, args, runs), runs)
 
 
@@ -218,7 +223,8 @@ def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str
         return statistics.median(r[key] for r in runs[name])
 
     def cpu(name: str, part: str) -> float:
-        return statistics.median(r["cpu_ms_per_token"].get(part, 0.0) for r in runs[name])
+        # The mean, not the median: /proc counts CPU in 10 ms ticks, coarser than a short pass's share.
+        return statistics.mean(r["cpu_ms_per_token"].get(part, 0.0) for r in runs[name])
 
     def paired(name: str) -> str:
         """Against the in-process pass before each of the layer's: the median and quartiles of its e2e, % behind,
@@ -241,8 +247,10 @@ def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str
              "|---|---|---|---|---|---|---|---|"]
     for name in runs:
         e2e = median(name, "e2e_p50_s")
-        # In-process, this process is the engine itself: no stack, no client to count.
-        cells = "" if name == IN_PROCESS else " / ".join(f"{cpu(name, p):.2f}" for p in parts)
+        # In-process, this process is the engine itself: no stack, no client to count. A one-token request's
+        # CPU is mostly its prefill's and the client process's idle OpenMP team's: bench.first_token measures it.
+        counted = name != IN_PROCESS and args.output_tokens > 1
+        cells = " / ".join(f"{cpu(name, p):.2f}" for p in parts) if counted else ""
         lines.append(f"| {name} | {median(name, 'ttft_p50_ms'):.0f} | {median(name, 'itl_p50_ms'):.2f} | {e2e:.3f} | "
                      f"{100 * (e2e / floor - 1):+.0f}% | {paired(name)} | {cells} |")
     return lines
