@@ -13,7 +13,7 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.jsonl_logging)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, freeze_heap=True),
         host="0.0.0.0",
         port=settings.server_port,
         log_config=None,  # our handlers, one line per event

@@ -21,6 +21,7 @@ from adapter.serving_base import ServedModel
 from adapter.serving_chat import ChatRenderer, OpenAIServingChat
 from adapter.serving_completion import OpenAIServingCompletion
 from adapter.settings import Settings
+from launcher.startup_heap import freeze_startup_heap
 
 logger = logging.getLogger("adapter.app")
 
@@ -134,8 +135,10 @@ def create_app(
     engine: Engine | None = None,
     tokenizer: Any | None = None,
     render: ChatRenderer | None = None,
+    freeze_heap: bool = False,
 ) -> FastAPI:
-    """The app; `engine`, `tokenizer` and `render` replace the real ones (tests)."""
+    """The app; `engine`, `tokenizer` and `render` replace the real ones (tests). `freeze_heap`: the serving
+    process keeps what startup built out of the garbage collector's full collections (launcher/startup_heap.py)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -169,6 +172,8 @@ def create_app(
         app.state.serving_completion = OpenAIServingCompletion(the_engine, served, the_tokenizer, metrics, coalesce)
         logger.info("serving %s from Triton at %s (model %s)", served.name, settings.triton_grpc_url,
                     settings.triton_model_name)
+        if freeze_heap:
+            logger.info("%d startup objects frozen", freeze_startup_heap())
         try:
             yield
         finally:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import re
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 
 import httpx
@@ -16,6 +19,7 @@ import pytest
 from launcher.cpu_cores import parse_cpu_list
 from launcher.serve import descendants
 from launcher.stack_process import start_stack, stop_stack
+from launcher.startup_heap import freeze_startup_heap
 
 
 def alive(pids: set[int]) -> set[int]:
@@ -159,3 +163,27 @@ def test_engine_cpu_cores_keep_every_other_thread_of_the_service_off_the_engines
 def test_engine_cpu_cores_outside_this_machine_stop_the_launcher_with_a_clear_error(tiny_gemma_dir, tmp_path):
     with pytest.raises(RuntimeError, match="ENGINE_CPU_CORES=4096: this process may use only cores"):
         start_stack(tiny_gemma_dir, tmp_path, ENGINE_CPU_CORES="4096")
+
+
+def test_the_startup_heap_leaves_full_collections_while_later_garbage_is_still_collected():
+    class Node:
+        pass
+
+    startup = [Node() for _ in range(1000)]
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen >= len(startup)
+        tracked = {id(o) for o in gc.get_objects(generation=2)}
+        assert not any(id(node) in tracked for node in startup)  # a full collection no longer walks them
+        later = Node()
+        later.cycle = later  # reachable only from itself: only the collector can free it
+        freed = weakref.ref(later)
+        del later
+        gc.collect()
+        assert freed() is None
+    finally:
+        gc.unfreeze()  # the rest of the suite's objects go back to the collector
+
+
+def test_the_adapter_freezes_its_startup_heap_before_serving(tiny_stack):
+    assert re.search(r"\d+ startup objects frozen", tiny_stack.log_text())

@@ -3,6 +3,7 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from launcher.startup_heap import freeze_startup_heap
 from pipeline.postprocess import Postprocessor
 from pipeline.triton_io import ModelShell, error_response, response
 from tokenization.tokenizer import Tokenizer
@@ -14,6 +15,7 @@ class TritonPythonModel:
         self.engine_model = self.shell.parameters["engine_model_name"]
         tokenizer = Tokenizer.from_dir(self.shell.parameters["tokenizer_dir"])
         self.postprocess = Postprocessor(tokenizer, stop_engine=self._stop_engine)
+        freeze_startup_heap()
 
     def execute(self, requests):
         responses = []

@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from engine import Engine, PromptTooLongError, QueueFullError
 from launcher.cpu_cores import parse_cpu_list
+from launcher.startup_heap import freeze_startup_heap
 from pipeline import engine_io
 from pipeline.output_relay import OutputRelay
 from pipeline.tensors import InvalidRequest
@@ -59,6 +60,7 @@ class TritonPythonModel:
         self.relay = OutputRelay(self._send)
         self.closed = threading.Event()
         threading.Thread(target=self._publish_stats, name="engine-stats", daemon=True).start()
+        freeze_startup_heap()  # the model and torch: a full collection would stall the engine thread
 
     def _publish_stats(self):
         labels = {"model": self.shell.model_config["name"]}
