@@ -170,10 +170,8 @@ def main() -> None:
     model_dir = (args.model_dir or ensure_default_model()).resolve()
     prompts = Prompts(model_dir, args.input_tokens)
     n, out, rounds = args.concurrency, args.output_tokens, args.rounds
-    engine_cores = None
+    engine_cores, other_cores = split_cores(args.engine_cores) if args.engine_cores else (None, None)
     cores_env = {"ENGINE_CPU_CORES": args.engine_cores} if args.engine_cores else {}
-    if args.engine_cores:
-        engine_cores, other_cores = split_cores(args.engine_cores)
     stack = start_load_stack(model_dir, bench_cache("bench"), max(n, 2), args.input_tokens, out, **cores_env)
     # The same service with every request through Triton's ensemble, the adapter's default before.
     via_ensemble = (start_load_stack(model_dir, bench_cache("bench-ensemble"), max(n, 2), args.input_tokens, out,
