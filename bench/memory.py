@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from bench.serve_load import Prompts, bench_cache, write_results
+from bench.sse import client_session
 
 OUTPUT_TOKENS = 8
 
@@ -43,13 +44,13 @@ def role(command: str) -> str:
 
 
 async def fill(url: str, model: str, prompts: Prompts, concurrency: int) -> None:
-    async with httpx.AsyncClient(timeout=None) as client:
+    async with client_session(concurrency) as client:
         async def one():
             body = {"model": model, "prompt": prompts.take(), "max_tokens": OUTPUT_TOKENS, "temperature": 0,
                     "ignore_eos": True}
-            reply = await client.post(f"{url}/completions", json=body)
-            reply.raise_for_status()
-            assert reply.json()["usage"]["completion_tokens"] == OUTPUT_TOKENS
+            async with client.post(f"{url}/completions", json=body) as reply:
+                reply.raise_for_status()
+                assert (await reply.json())["usage"]["completion_tokens"] == OUTPUT_TOKENS
 
         await asyncio.gather(*(one() for _ in range(concurrency)))
 

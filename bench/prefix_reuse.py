@@ -19,10 +19,11 @@ import statistics
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 from bench.serve_load import RESULTS, bench_cache
-from bench.sse import sse_chunks
+from bench.sse import client_session, sse_chunks
 
 ANSWER_TOKENS = 32
 CONTEXT = 4096
@@ -35,13 +36,13 @@ def facts(count: int, topic: str) -> str:
     )
 
 
-async def ask(client: httpx.AsyncClient, url: str, model: str, messages: list[dict]) -> tuple[float, str, int]:
+async def ask(client: aiohttp.ClientSession, url: str, model: str, messages: list[dict]) -> tuple[float, str, int]:
     """Time to first token, the answer, and the prompt's token count."""
     body = {"model": model, "messages": messages, "max_tokens": ANSWER_TOKENS, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first, text, prompt_tokens = None, [], 0
-    async with client.stream("POST", f"{url}/chat/completions", json=body) as reply:
+    async with client.post(f"{url}/chat/completions", json=body) as reply:
         async for chunk in sse_chunks(reply):
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 first = first or time.perf_counter()
@@ -55,7 +56,7 @@ async def compare(urls: dict[str, str], model: str, conversations: list[list[dic
     """Each conversation on every stack in turn; with `follow_ups`, one conversation whose user turns are
     `conversations`' last messages, each answer joining the history."""
     rows = []
-    async with httpx.AsyncClient(timeout=None) as client:
+    async with client_session() as client:
         history: list[dict] = []
         for messages in conversations:
             sent = history + messages if follow_ups else messages

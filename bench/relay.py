@@ -17,19 +17,19 @@ import platform
 import time
 from pathlib import Path
 
-import httpx
+import aiohttp
 
-from bench.sse import sse_chunks
+from bench.sse import client_session, sse_chunks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The quick brown fox jumps over the lazy dog. Ünïcödé 日本語 👋"
 
 
-async def stream_completion(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> tuple[str, int, int]:
+async def stream_completion(client: aiohttp.ClientSession, url: str, model: str, tokens: int) -> tuple[str, int, int]:
     body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     text, events, used = [], 0, 0
-    async with client.stream("POST", f"{url}/completions", json=body) as reply:
+    async with client.post(f"{url}/completions", json=body) as reply:
         async for chunk in sse_chunks(reply):
             events += 1
             if chunk["choices"]:
@@ -40,10 +40,12 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, tok
 
 
 async def measure(url: str, clients: int, tokens: int) -> dict:
-    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        model = (await client.get(f"{url}/models")).json()["data"][0]["id"]
-        whole = (await client.post(f"{url}/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 64,
-                                                                 "ignore_eos": True})).json()["choices"][0]["text"]
+    async with client_session(clients + 4) as client:
+        async with client.get(f"{url}/models") as reply:
+            model = (await reply.json())["data"][0]["id"]
+        async with client.post(f"{url}/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 64,
+                                                           "ignore_eos": True}) as reply:
+            whole = (await reply.json())["choices"][0]["text"]
         streamed, _, _ = await stream_completion(client, url, model, 64)
         if streamed != whole:
             raise AssertionError("streamed text differs from non-streamed text")

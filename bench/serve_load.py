@@ -27,9 +27,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 
-from bench.sse import sse_chunks
+from bench.sse import client_session, sse_chunks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NON_STREAM_CONCURRENCY = 16
@@ -92,7 +93,7 @@ class Prompts:
         return ids
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], output_tokens: int,
+async def one_request(client: aiohttp.ClientSession, url: str, model: str, prompt: list[int], output_tokens: int,
                       stream: bool) -> RequestTiming:
     body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "ignore_eos": True,
             "temperature": 0, "stream": stream}
@@ -101,11 +102,12 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
     start = time.perf_counter()
     first, tokens = None, 0
     if not stream:
-        reply = await client.post(f"{url}/completions", json=body)
-        reply.raise_for_status()
+        async with client.post(f"{url}/completions", json=body) as reply:
+            reply.raise_for_status()
+            answer = await reply.json()
         end = time.perf_counter()
-        return RequestTiming(end - start, end - start, reply.json()["usage"]["completion_tokens"])
-    async with client.stream("POST", f"{url}/completions", json=body) as reply:
+        return RequestTiming(end - start, end - start, answer["usage"]["completion_tokens"])
+    async with client.post(f"{url}/completions", json=body) as reply:
         async for chunk in sse_chunks(reply):
             if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
                 first = time.perf_counter()
@@ -117,15 +119,18 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
 
 async def run_level(url: str, model: str, prompts: Prompts, concurrency: int, output_tokens: int,
                     stream: bool, rounds: int) -> dict:
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    async with client_session(concurrency + 4) as client:
         async def worker():
             return [await one_request(client, url, model, prompts.take(), output_tokens, stream)
                     for _ in range(rounds)]
 
         # Connections open before the clock starts, as a benchmark tool's are kept alive from one request to the
         # next: a first request's time is then the service's, not the client's connection setup.
-        await asyncio.gather(*(client.get(f"{url}/models") for _ in range(concurrency)))
+        async def connect() -> None:
+            async with client.get(f"{url}/models") as reply:
+                await reply.read()
+
+        await asyncio.gather(*(connect() for _ in range(concurrency)))
         start = time.perf_counter()
         results = await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start

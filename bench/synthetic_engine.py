@@ -75,8 +75,9 @@ class SyntheticEngine:
             for request in batch:
                 cancelled = request.id in cancels
                 if not cancelled:
-                    # Echo the prompt's tokens in a loop: real token ids, so detokenization does real work.
-                    request.pending.append(request.prompt[request.generated % len(request.prompt)])
+                    # Echo the prompt's tokens in a loop: real token ids, so detokenization does real work. From
+                    # the second: the first is usually BOS, whose text is empty, and a client's first token is text.
+                    request.pending.append(request.prompt[(request.generated + 1) % len(request.prompt)])
                     request.generated += 1
                 finished = cancelled or request.generated >= request.params.max_new_tokens
                 streamed = request.params.streaming and stream_due(self._step, request.generated, self.stream_interval,
