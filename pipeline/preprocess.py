@@ -76,9 +76,10 @@ class Preprocessor:
     def _prompt_ids(self, inputs: Tensors) -> list[int]:
         token_ids = [int(t) for t in vector(inputs, "INPUT_TOKEN_IDS")]
         if token_ids:
-            bad = [t for t in token_ids if not 0 <= t < self.tokenizer.vocab_size]
-            if bad:
-                raise InvalidRequest(f"token id {bad[0]} is out of range [0, {self.tokenizer.vocab_size})")
+            vocab_size = self.tokenizer.vocab_size
+            if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+                bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+                raise InvalidRequest(f"token id {bad} is out of range [0, {vocab_size})")
             return token_ids
         text = scalar(inputs, "QUERY", "")
         add_special_tokens = bool(scalar(inputs, "ADD_SPECIAL_TOKENS", True))

@@ -28,6 +28,8 @@ def vector(inputs: Tensors, name: str) -> list:
     if array is None or array.size == 0:
         return []
     values = array.reshape(-1).tolist()
+    if array.dtype != np.object_:
+        return values  # numbers: tolist() made them Python's already
     return [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
 
 
