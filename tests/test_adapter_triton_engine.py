@@ -87,6 +87,8 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.steps = 2
         self.completed: list[str] = []  # requests whose stream reached its final response (not cancelled before)
         self.request_completed = asyncio.Event()
+        self.calls = 0  # ModelStreamInfer calls opened
+        self.abort = False  # end the call with UNAVAILABLE at its next request, as a Triton going away would
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -95,15 +97,19 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=request.name == "ensemble")
 
     async def ModelStreamInfer(self, request_iterator, context):
+        self.calls += 1
         async for request in request_iterator:
+            if self.abort:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is going away")
             if request.model_name == "tensorrt_llm":  # like the engine: the stopped request ends at its next step
                 self.stop_requests.append(request)
                 self.stopped.set()
                 yield service_pb2.ModelStreamInferResponse(infer_response=infer_response(request.id, {}, True))
                 continue
             self.requests.append(request)
-            if self.error:
-                yield service_pb2.ModelStreamInferResponse(error_message=self.error)
+            if self.error:  # Triton names the request in an error response too
+                yield service_pb2.ModelStreamInferResponse(error_message=self.error,
+                                                           infer_response=service_pb2.ModelInferResponse(id=request.id))
                 continue
             for step in range(self.steps):
                 await asyncio.sleep(self.delay_s)
@@ -231,6 +237,21 @@ async def test_generate_streams_to_the_final_response(engine, fake_triton):
     assert request_tensors(request)["stream"].tolist() == [[True]]
     await asyncio.sleep(0.1)
     assert not fake_triton.stop_requests  # a finished request is not stopped
+
+
+async def test_requests_share_one_stream_and_a_broken_one_is_replaced(engine, fake_triton):
+    for k in range(3):
+        chunks = [c async for c in engine.generate(f"req-{k}", "Hi", GenerationParams(max_tokens=2))]
+        assert [c.text for c in chunks] == ["Hello", " world"]
+    assert fake_triton.calls == 1
+    fake_triton.abort = True
+    with pytest.raises(EngineUnavailableError):
+        async for _ in engine.generate("req-broken", "Hi", GenerationParams()):
+            pass
+    fake_triton.abort = False
+    chunks = [c async for c in engine.generate("req-after", "Hi", GenerationParams(max_tokens=2))]
+    assert [c.text for c in chunks] == ["Hello", " world"]
+    assert fake_triton.calls == 2
 
 
 async def test_in_stream_errors_are_typed(engine, fake_triton):
