@@ -6,14 +6,16 @@ goes out as one `data: {"error": ...}` event before `[DONE]`, as vLLM does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from adapter.errors import APIError, openai_error
 
@@ -44,9 +46,42 @@ async def sse_stream(chunks: AsyncIterator[BaseModel | dict[str, Any]]) -> Async
     yield DONE
 
 
-def sse_response(chunks: AsyncIterator[BaseModel | dict[str, Any]]) -> StreamingResponse:
-    return StreamingResponse(
-        sse_stream(chunks),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+class EventStreamResponse(Response):
+    """Streams the events in the request's own task, while a plain asyncio task waits for the client to go away and
+    then cancels the stream (closing the events, and so the engine request). Starlette's `StreamingResponse` does
+    the same with an anyio task group of two tasks per response, which cost ~0.3 ms of each first token here."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str]):
+        # As StreamingResponse: no body, so no Content-Length.
+        self.status_code, self.background, self.events = 200, None, events
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streaming = asyncio.current_task()
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            streaming.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async with aclosing(self.events):
+                async for event in self.events:
+                    await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone or streaming.uncancel():
+                raise  # cancelled from outside (shutdown), not by the watcher
+        finally:
+            watcher.cancel()
+
+
+def sse_response(chunks: AsyncIterator[BaseModel | dict[str, Any]]) -> EventStreamResponse:
+    return EventStreamResponse(sse_stream(chunks))
