@@ -324,7 +324,6 @@ class SharedStream:
         self._reader.cancel()
 
 
-
 class TritonEngine:
     """Generation through Triton over one shared gRPC channel: from the engine model with the ensemble's other steps
     run here, or through the `ensemble`."""
@@ -403,7 +402,6 @@ class TritonEngine:
         if steps is None:
             return infer_request(self.model_name, request_id, tensors, ensemble_outputs(params)), parse_outputs
         try:
-            # Tokenizing a long prompt takes milliseconds: off the event loop.
             # Tokenizing takes ~0.5 us per character of text; a long prompt goes off the event loop, while a short
             # one costs less than the hop to a thread and back (~0.3 ms of a first token).
             if isinstance(prompt, str) and len(prompt) > INLINE_PROMPT_CHARS:
