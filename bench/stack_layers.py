@@ -124,8 +124,8 @@ def cpu_seconds(path: str) -> float:
 
 def stack_cpu(stack: Stack, compute_threads: int) -> dict[str, float]:
     """CPU seconds so far of each part of the stack, and of this process (the benchmark's client). The engine
-    model's process counts without its `compute_threads` busiest threads (the engine's own compute): what is
-    left is its relay to Triton."""
+    model's process counts without its `compute_threads` busiest threads and the chunk pool's helpers (the
+    engine's own compute): what is left is its relay to Triton."""
     parts: dict[str, float] = {}
     for pid in descendants(stack.process.pid):
         try:
@@ -136,7 +136,9 @@ def stack_cpu(stack: Stack, compute_threads: int) -> dict[str, float]:
                     break
             else:
                 if "tensorrt_llm" in command:
-                    threads = sorted(cpu_seconds(f"/proc/{pid}/task/{t}/stat") for t in os.listdir(f"/proc/{pid}/task"))
+                    tasks = [f"/proc/{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task")]
+                    helpers = [t for t in tasks if Path(f"{t}/comm").read_text().strip() == "chunk-pool"]
+                    threads = sorted(cpu_seconds(f"{t}/stat") for t in tasks if t not in helpers)
                     parts["engine relay"] = sum(threads[:-compute_threads])
         except OSError:
             continue  # a process that just ended

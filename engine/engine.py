@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import sampling
+from . import native, sampling
 from .model import Decoder
 from .params import SamplingParams
 from .prefix_cache import SlotPrefixes
@@ -44,22 +44,24 @@ def _release_openmp_workers() -> None:
         pass  # another OpenMP runtime, or none
 
 
-def _yield_cores_to_other_processes() -> None:
-    """Run the calling thread, and the OpenMP workers it starts later, under Linux's SCHED_IDLE policy
-    (`ENGINE_SCHED_IDLE`, default 1).
+def _start_helpers(team: int) -> None:
+    """Start the calling thread's compute helpers, `team - 1` of each kind: OpenMP's workers (steps of several
+    rows, prefills) and the chunk pool's (steps of one row: csrc/chunk_pool.c). They run under Linux's SCHED_IDLE
+    policy (`ENGINE_SCHED_IDLE`, default 1), the calling thread at normal priority.
 
-    The engine keeps both cores busy, while Triton, pre- and postprocessing and the adapter each wake for a
-    moment per response. At normal priority a waking process may wait out a scheduler slice (milliseconds)
-    behind a decode thread, at every hop; under SCHED_IDLE it takes a core at once. A first token reached the
-    client 5-7 ms sooner this way (8-token prompts, 2 cores) and tokens/s stayed the same at 1 and 16 streams.
-    The cost: the engine gets only the CPU time nothing else of the same session (or container) wants.
+    The engine keeps the cores busy, while Triton, the adapter and the clients each wake for a moment per
+    response. At normal priority a waking process may wait out a scheduler slice (milliseconds) behind a decode
+    step, at every hop; a core whose thread is under SCHED_IDLE it takes at once (5-7 ms off each first token on
+    2 cores). With the calling thread at normal priority they take a helper's core, not its own, and a one-row
+    step goes on without the helper (chunk_pool.c), where an OpenMP team would wait at its next barrier.
     """
-    if os.environ.get("ENGINE_SCHED_IDLE", "1") == "0" or not hasattr(os, "SCHED_IDLE"):
-        return
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread, not the whole process
-    except OSError as exc:
-        log.warning("engine thread stays at normal priority: %s", exc)
+    pool = native.chunk_pool()
+    if pool is None:
+        return  # no native kernels: ATen's ops, with OpenMP's workers at normal priority
+    idle = os.environ.get("ENGINE_SCHED_IDLE", "1") != "0" and hasattr(os, "SCHED_IDLE")
+    pool.chunk_pool_start(team - 1, int(idle))
+    if idle:
+        pool.openmp_workers_idle()  # starts the team if need be; this thread's later regions reuse it
 
 
 # stream_interval 0 (auto): one engine step between streamed responses per this many running streams, so a
@@ -293,9 +295,10 @@ class Engine:
             return
         finally:
             self._placed.set()
-        _yield_cores_to_other_processes()
         if self._num_threads:
             torch.set_num_threads(self._num_threads)
+        self._team = torch.get_num_threads()
+        _start_helpers(self._team)
         with torch.inference_mode():
             while True:
                 with self._cv:
@@ -439,6 +442,20 @@ class Engine:
         for r in requests:
             tokens[r.slot] = r.generated[-1]
             positions[r.slot] = len(r.prompt) + len(r.generated) - 1
+        # One row: the chunk pool's helpers share its kernels' work (csrc/chunk_pool.c), and ATen's ops run on
+        # this thread alone, so that OpenMP's workers sleep rather than spin beside those helpers after each op.
+        alone = n == 1 and self._team > 1
+        if alone:
+            torch.set_num_threads(1)
+        try:
+            self._decode_and_choose(requests, idle, tokens, positions)
+        finally:
+            if alone:
+                torch.set_num_threads(self._team)
+
+    def _decode_and_choose(self, requests: list[_Request], idle: set[int], tokens: torch.Tensor,
+                           positions: torch.Tensor) -> None:
+        n = len(tokens)
         try:
             hidden = self.model.decode(tokens, positions)[[r.slot for r in requests]]
         except Exception as e:

@@ -67,10 +67,12 @@ def _openmp_flags() -> list[str]:
 
 
 @functools.cache
-def _library(name: str, linked: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+def _library(name: str, linked: tuple[str, ...] = (), mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL | None:
     """`csrc/<name>.c`, with the kernels `linked` that it calls, compiled and loaded, or None where it cannot be
     (logged)."""
     if not cpu_supported():
+        return None
+    if name != "chunk_pool" and chunk_pool() is None:
         return None
     sources = [_SOURCES / f"{n}.c" for n in (name, *linked)]
     command = ["cc", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", *map(str, sources), "-lm",
@@ -88,15 +90,26 @@ def _library(name: str, linked: tuple[str, ...] = ()) -> ctypes.CDLL | None:
             if not path.exists():
                 _compile(command, path)
             try:
-                return ctypes.CDLL(str(path))
+                return ctypes.CDLL(str(path), mode=mode)
             except OSError:  # a broken file (a crash mid-copy, a foreign build): build it again
                 path.unlink(missing_ok=True)
                 _compile(command, path)
-                return ctypes.CDLL(str(path))
+                return ctypes.CDLL(str(path), mode=mode)
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             log.warning("%s kernel unavailable in %s: %s %s", name, folder, e, detail.decode(errors="replace")[-500:])
     return None
+
+
+@functools.cache
+def chunk_pool() -> ctypes.CDLL | None:
+    """csrc/chunk_pool.c, loaded before any kernel with its symbols global: the kernels that call `chunk_loop`
+    bind to this one copy, so a thread has one pool whichever kernels it runs."""
+    library = _library("chunk_pool", (), ctypes.RTLD_GLOBAL)
+    if library is not None:
+        library.chunk_pool_start.restype, library.chunk_pool_start.argtypes = ctypes.c_int, [ctypes.c_int] * 2
+        library.openmp_workers_idle.restype, library.openmp_workers_idle.argtypes = None, []
+    return library
 
 
 def function(name: str, restype, argtypes: list, linked: tuple[str, ...] = ()) -> ctypes._CFuncPtr | None:

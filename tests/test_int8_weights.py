@@ -1,5 +1,8 @@
 """The int8 block weights: GGUF decoding against gguf's own dequantization, and the kernel against fp32 matmul."""
 
+import os
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,6 +50,34 @@ def test_the_kernel_matches_fp32_matmul(rows, k_in, group, asymmetric):
     x = torch.randn(rows, k_in, generator=torch.Generator().manual_seed(1))
     expected = x.double() @ rebuild(q, scale, offset).double().T
     torch.testing.assert_close(Int8Linear(q, scale, offset)(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_products_from_more_threads_than_cores_each_come_out_whole():
+    # A one-row product is a chunk_loop (csrc/chunk_pool.c) over the calling thread's own helpers. With more
+    # callers than cores, helpers are preempted mid-chunk and their chunks computed again by the caller: every
+    # chunk must still land once, whole, in its own product; and a caller's helpers must end with it.
+    q, scale, offset = block_weight(1024, 640, 32, True)  # 64 blocks: 16 chunks of 4
+    linear = Int8Linear(q, scale, offset)
+    rows = torch.randn(32, 640, generator=torch.Generator().manual_seed(3))
+    expected = [linear(row[None]) for row in rows]
+    mismatches, threads_before = [], len(os.listdir("/proc/self/task"))
+
+    def products():
+        for _ in range(30):
+            for i, row in enumerate(rows):
+                if not torch.equal(linear(row[None]), expected[i]):
+                    mismatches.append(i)
+
+    callers = [threading.Thread(target=products) for _ in range(2 * (os.cpu_count() or 1) + 2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert not mismatches
+    deadline = time.monotonic() + 5  # the OS threads end just after Python's join returns
+    while len(os.listdir("/proc/self/task")) > threads_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/task")) <= threads_before
 
 
 def test_shapes_are_checked_before_the_kernel_sees_pointers():

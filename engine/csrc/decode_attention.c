@@ -128,7 +128,7 @@ int decode_attention(const float *q, int64_t q_stride, int n, int heads, int kv_
         if (positions[i] < 0 || positions[i] >= max_seq_len) return 1;
     const int group = heads / kv_heads;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel if (n * kv_heads > 1)
     {
         // per thread: running max, sum and output of each head of a group, and a block of scores
         float *m = malloc(sizeof(float) * group * (2 + d + BLOCK));

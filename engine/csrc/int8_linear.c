@@ -10,6 +10,9 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+
+#include "chunk_pool.h"
 
 #define NB 16
 #define MR 6
@@ -149,9 +152,41 @@ static void rebuild(float *w, const int8_t *qb, const float *ab, const float *bb
     }
 }
 
+// One row (a decode step at one stream) goes as a chunk_loop (csrc/chunk_pool.c) of ROW_CHUNK blocks a chunk:
+// the serving stack's processes wake on the engine's cores once per token or more.
+#define ROW_CHUNK 4
+
+typedef struct {
+    const float *x, *a, *b;
+    const int8_t *q;
+    float *y;
+    int k_in, group, blocks;
+} RowJob;
+
+static void row_compute(const void *job, int i, void *scratch) {
+    const RowJob *j = job;
+    const int groups = j->k_in / j->group, first = i * ROW_CHUNK;
+    const int last = first + ROW_CHUNK < j->blocks ? first + ROW_CHUNK : j->blocks;
+    for (int nb = first; nb < last; nb++)
+        direct_rows(1, j->x, j->q + (size_t)nb * j->k_in * NB, j->a + (size_t)nb * groups * NB,
+                    j->b ? j->b + (size_t)nb * groups * NB : NULL, j->k_in, j->group,
+                    (float *)scratch + (nb - first) * NB, NB);
+}
+
+static void row_deliver(const void *job, int i, void *scratch) {
+    const RowJob *j = job;
+    const int first = i * ROW_CHUNK, last = first + ROW_CHUNK < j->blocks ? first + ROW_CHUNK : j->blocks;
+    memcpy(j->y + (size_t)first * NB, scratch, sizeof(float) * NB * (last - first));
+}
+
 int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int8_t *q, const float *a,
                 const float *b, float *y) {
     if (n_out % NB || k_in % group || KC % group || m < 1) return 1;
+    if (m == 1) {
+        const RowJob job = {x, a, b, q, y, k_in, group, n_out / NB};
+        chunk_loop((job.blocks + ROW_CHUNK - 1) / ROW_CHUNK, row_compute, row_deliver, &job, sizeof job);
+        return 0;
+    }
     // x per tile of MR rows as [K][rows]: one step's broadcasts share a cache line
     float *xt = (float *)aligned_alloc(64, sizeof(float) * (((size_t)m * k_in + 15) / 16 * 16));
     if (!xt) return 2;

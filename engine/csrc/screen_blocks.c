@@ -12,7 +12,7 @@
 void screen_blocks(const float *scores, int rows, int n, int block, const float *l1, const float *err,
                    const float *half_step, const float *norm, float *block_score, float *block_bound) {
     const int blocks = n / block;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows > 1)  // one row: OpenMP's team sleeps (engine.py)
     for (int task = 0; task < rows * blocks; task++) {
         const int r = task / blocks, b = task % blocks;
         const float *s = scores + (size_t)r * n + (size_t)b * block;
