@@ -53,9 +53,9 @@ def main() -> None:
             run()
         for _ in range(args.passes):
             for name, run in paths.items():
-                before = stack_cpu(stack, 1)  # the synthetic engine's own thread is its "compute"
+                before = stack_cpu(stack)  # the synthetic engine's own thread is its "compute"
                 result = run()
-                after = stack_cpu(stack, 1)
+                after = stack_cpu(stack)
                 result["cpu_ms_per_request"] = {k: 1000 * (after[k] - before.get(k, 0.0)) / n for k in after}
                 runs[name].append(result)
                 print(name, round(result["ttft_p50_ms"], 2), flush=True)

@@ -122,10 +122,13 @@ def cpu_seconds(path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def stack_cpu(stack: Stack, compute_threads: int) -> dict[str, float]:
+ENGINE_HELPERS = ("chunk-pool", "engine-omp")  # the engine thread's compute helpers (engine/engine.py)
+
+
+def stack_cpu(stack: Stack) -> dict[str, float]:
     """CPU seconds so far of each part of the stack, and of this process (the benchmark's client). The engine
-    model's process counts without its `compute_threads` busiest threads and the chunk pool's helpers (the
-    engine's own compute): what is left is its relay to Triton."""
+    model's process counts without its busiest thread (the engine's) and that thread's helpers: what is left is
+    its relay to Triton."""
     parts: dict[str, float] = {}
     for pid in descendants(stack.process.pid):
         try:
@@ -137,9 +140,9 @@ def stack_cpu(stack: Stack, compute_threads: int) -> dict[str, float]:
             else:
                 if "tensorrt_llm" in command:
                     tasks = [f"/proc/{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task")]
-                    helpers = [t for t in tasks if Path(f"{t}/comm").read_text().strip() == "chunk-pool"]
-                    threads = sorted(cpu_seconds(f"{t}/stat") for t in tasks if t not in helpers)
-                    parts["engine relay"] = sum(threads[:-compute_threads])
+                    threads = sorted(cpu_seconds(f"{t}/stat") for t in tasks
+                                     if Path(f"{t}/comm").read_text().strip() not in ENGINE_HELPERS)
+                    parts["engine relay"] = sum(threads[:-1])
         except OSError:
             continue  # a process that just ended
     times = os.times()
@@ -162,8 +165,6 @@ def main() -> None:
     chosen = args.layers.split(",")
     if unknown := set(chosen) - set(LAYERS):
         parser.error(f"unknown layers {sorted(unknown)}: use {', '.join(LAYERS)}")
-
-    import torch
 
     from build.default_model import ensure_default_model
     from engine import Engine
@@ -192,7 +193,6 @@ def main() -> None:
     }
     layers = {LAYERS[key]: passes[key] for key in LAYERS if key in chosen}
     runs: dict[str, list[dict]] = {}
-    compute_threads = len(engine_cores) if engine_cores else torch.get_num_threads()  # the engine's, per process
     try:
         with Engine(model_dir, max_batch_size=max(n, 2), max_seq_len=load_context(prompts.length, out),
                     cpu_cores=engine_cores) as engine:
@@ -201,9 +201,9 @@ def main() -> None:
                 run()
             for _ in range(args.passes):
                 for name, (run, measured) in layers.items():
-                    before = stack_cpu(measured, compute_threads)
+                    before = stack_cpu(measured)
                     result = run()
-                    after = stack_cpu(measured, compute_threads)
+                    after = stack_cpu(measured)
                     tokens = result["output_tok_s"] * result["requests"] / result["requests_s"]
                     result["cpu_ms_per_token"] = {k: 1000 * (after[k] - before.get(k, 0.0)) / tokens for k in after}
                     runs.setdefault(name, []).append(result)

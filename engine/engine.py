@@ -45,8 +45,9 @@ def _release_openmp_workers() -> None:
 
 
 def _start_helpers(team: int) -> None:
-    """Start the calling thread's compute helpers, `team - 1` of each kind: OpenMP's workers (steps of several
-    rows, prefills) and the chunk pool's (steps of one row: csrc/chunk_pool.c). They run under Linux's SCHED_IDLE
+    """Start the calling thread's compute helpers, `team - 1` of each kind: OpenMP's workers ("engine-omp"; steps
+    of several rows, prefills) and the chunk pool's ("chunk-pool"; steps of one row: csrc/chunk_pool.c). They run
+    under Linux's SCHED_IDLE
     policy (`ENGINE_SCHED_IDLE`, default 1), the calling thread at normal priority.
 
     The engine keeps the cores busy, while Triton, the adapter and the clients each wake for a moment per
@@ -60,8 +61,7 @@ def _start_helpers(team: int) -> None:
         return  # no native kernels: ATen's ops, with OpenMP's workers at normal priority
     idle = os.environ.get("ENGINE_SCHED_IDLE", "1") != "0" and hasattr(os, "SCHED_IDLE")
     pool.chunk_pool_start(team - 1, int(idle))
-    if idle:
-        pool.openmp_workers_idle()  # starts the team if need be; this thread's later regions reuse it
+    pool.openmp_workers_start(int(idle))
 
 
 # stream_interval 0 (auto): one engine step between streamed responses per this many running streams, so a

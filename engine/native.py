@@ -108,7 +108,7 @@ def chunk_pool() -> ctypes.CDLL | None:
     library = _library("chunk_pool", (), ctypes.RTLD_GLOBAL)
     if library is not None:
         library.chunk_pool_start.restype, library.chunk_pool_start.argtypes = ctypes.c_int, [ctypes.c_int] * 2
-        library.openmp_workers_idle.restype, library.openmp_workers_idle.argtypes = None, []
+        library.openmp_workers_start.restype, library.openmp_workers_start.argtypes = None, [ctypes.c_int]
     return library
 
 

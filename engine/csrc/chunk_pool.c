@@ -205,8 +205,11 @@ void chunk_loop(int chunks, chunk_fn compute, chunk_fn deliver_fn, const void *j
     }
 }
 
-void openmp_workers_idle(void) {
+void openmp_workers_start(int idle) {
     const struct sched_param none = {0};
 #pragma omp parallel
-    if (omp_get_thread_num()) sched_setscheduler(0, SCHED_IDLE, &none);
+    if (omp_get_thread_num()) {
+        pthread_setname_np(pthread_self(), "engine-omp");
+        if (idle) sched_setscheduler(0, SCHED_IDLE, &none);
+    }
 }

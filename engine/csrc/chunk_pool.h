@@ -15,5 +15,6 @@ void chunk_loop(int chunks, chunk_fn compute, chunk_fn deliver, const void *job,
 // share the caller's CPU affinity. Returns the number of helpers (a pool already started stays as it is).
 int chunk_pool_start(int helpers, int idle);
 
-// Put the calling thread's OpenMP workers (not itself) under SCHED_IDLE.
-void openmp_workers_idle(void);
+// Start the calling thread's OpenMP team (omp_get_max_threads()), name its workers (not the caller)
+// "engine-omp", and put them under SCHED_IDLE when `idle`. Later parallel regions of the caller reuse them.
+void openmp_workers_start(int idle);

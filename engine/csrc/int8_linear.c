@@ -182,7 +182,9 @@ static void row_deliver(const void *job, int i, void *scratch) {
 int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int8_t *q, const float *a,
                 const float *b, float *y) {
     if (n_out % NB || k_in % group || KC % group || m < 1) return 1;
-    if (m == 1) {
+    // A helper may still read x after the loop (chunk_pool.c): x must stay mapped, as heap blocks below glibc's
+    // mmap threshold (128 KB) do.
+    if (m == 1 && k_in <= 16384) {
         const RowJob job = {x, a, b, q, y, k_in, group, n_out / NB};
         chunk_loop((job.blocks + ROW_CHUNK - 1) / ROW_CHUNK, row_compute, row_deliver, &job, sizeof job);
         return 0;

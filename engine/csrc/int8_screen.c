@@ -90,7 +90,7 @@ static void row_deliver(const void *job, int i, void *scratch) {
 int int8_screen(const uint8_t *x, int m, int k_in, int n_out, const int8_t *w, const int32_t *row_sum,
                 const float *scale, int zero, float *out) {
     if (m < 1 || k_in % 4 || n_out % NB || ((uintptr_t)w & 31)) return 1;
-    if (m == 1) {
+    if (m == 1 && k_in <= 65536) {  // x stays mapped (see int8_linear.c)
         const RowJob job = {x, w, row_sum, scale, out, k_in, zero, n_out / NB};
         chunk_loop((job.blocks + ROW_CHUNK - 1) / ROW_CHUNK, row_compute, row_deliver, &job, sizeof job);
         return 0;
