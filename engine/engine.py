@@ -47,8 +47,7 @@ def _release_openmp_workers() -> None:
 def _start_helpers(team: int) -> None:
     """Start the calling thread's compute helpers, `team - 1` of each kind: OpenMP's workers ("engine-omp"; steps
     of several rows, prefills) and the chunk pool's ("chunk-pool"; steps of one row: csrc/chunk_pool.c). They run
-    under Linux's SCHED_IDLE
-    policy (`ENGINE_SCHED_IDLE`, default 1), the calling thread at normal priority.
+    under Linux's SCHED_IDLE policy (`ENGINE_SCHED_IDLE`, default 1), the calling thread at normal priority.
 
     The engine keeps the cores busy, while Triton, the adapter and the clients each wake for a moment per
     response. At normal priority a waking process may wait out a scheduler slice (milliseconds) behind a decode
@@ -56,12 +55,16 @@ def _start_helpers(team: int) -> None:
     2 cores). With the calling thread at normal priority they take a helper's core, not its own, and a one-row
     step goes on without the helper (chunk_pool.c), where an OpenMP team would wait at its next barrier.
     """
-    pool = native.chunk_pool()
-    if pool is None:
-        return  # no native kernels: ATen's ops, with OpenMP's workers at normal priority
     idle = os.environ.get("ENGINE_SCHED_IDLE", "1") != "0" and hasattr(os, "SCHED_IDLE")
-    pool.chunk_pool_start(team - 1, int(idle))
-    pool.openmp_workers_start(int(idle))
+    pool = native.chunk_pool()
+    if pool is not None:
+        pool.chunk_pool_start(team - 1, int(idle))
+        pool.openmp_workers_start(int(idle))
+    elif idle:  # no native kernels: ATen's ops on OpenMP alone, so this thread and the workers it starts yield
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread, not the whole process
+        except OSError as exc:
+            log.warning("engine thread stays at normal priority: %s", exc)
 
 
 # stream_interval 0 (auto): one engine step between streamed responses per this many running streams, so a

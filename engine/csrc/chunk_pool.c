@@ -39,15 +39,21 @@
 
 enum { FREE = 0, DELIVERING = 1, DONE = 2 };  // a chunk's state, under its loop's number (state = number << 2 | s)
 
+typedef struct {  // one chunk_loop
+    chunk_fn compute;
+    float *out;
+    size_t total, per_chunk;
+    int chunks;
+    unsigned char job[CHUNK_JOB_BYTES];
+} Loop;
+
 typedef struct {
     _Atomic uint64_t seq;     // 2 * the loop's number once it is published; odd while the next one is written
     _Atomic uint64_t cursor;  // the loop's number << 32 | the next chunk to take
     _Atomic uint32_t state[MAX_CHUNKS];
     _Atomic int sleepers, stop;
     // the loop, valid while seq is even (helpers copy it, then check seq again)
-    chunk_fn compute, deliver;
-    int chunks;
-    unsigned char job[CHUNK_JOB_BYTES];
+    Loop loop;
     int helpers, idle;
     pthread_t threads[MAX_HELPERS];
 } Pool;
@@ -81,14 +87,22 @@ static int take(Pool *p, uint64_t number, int chunks) {
     }
 }
 
-// Deliver chunk `i` of loop `number` from `scratch` unless someone else did.
-static void deliver(Pool *p, uint64_t number, chunk_fn fn, const void *job, int i, void *scratch) {
+// Copy chunk `i` from `scratch` into the loop's output.
+static void copy_out(const Loop *loop, int i, const float *scratch) {
+    const size_t first = (size_t)i * loop->per_chunk;
+    const size_t count = loop->total - first < loop->per_chunk ? loop->total - first : loop->per_chunk;
+    memcpy(loop->out + first, scratch, sizeof(float) * count);
+}
+
+// Compute chunk `i` of loop `number` and deliver it unless someone else did first.
+static void run_chunk(Pool *p, uint64_t number, const Loop *loop, int i, float *scratch) {
+    loop->compute(loop->job, i, scratch);
     const uint32_t tag = (uint32_t)(number << 2);
     uint32_t expected = tag | FREE;
     if (!atomic_compare_exchange_strong_explicit(&p->state[i], &expected, tag | DELIVERING, memory_order_acq_rel,
                                                  memory_order_relaxed))
         return;
-    fn(job, i, scratch);
+    copy_out(loop, i, scratch);
     atomic_store_explicit(&p->state[i], tag | DONE, memory_order_release);
 }
 
@@ -99,8 +113,8 @@ static void *helper(void *arg) {
         const struct sched_param none = {0};
         sched_setscheduler(0, SCHED_IDLE, &none);  // 0: this thread
     }
-    unsigned char job[CHUNK_JOB_BYTES];
-    unsigned char scratch[CHUNK_SCRATCH_BYTES] __attribute__((aligned(64)));
+    Loop loop;
+    float scratch[CHUNK_SCRATCH_FLOATS] __attribute__((aligned(64)));
     uint64_t last = 0;  // the last loop this helper took part in
     while (!atomic_load_explicit(&p->stop, memory_order_relaxed)) {
         uint64_t seq = atomic_load_explicit(&p->seq, memory_order_acquire);
@@ -117,16 +131,11 @@ static void *helper(void *arg) {
             }
             continue;
         }
-        const chunk_fn compute = p->compute, fn = p->deliver;
-        const int chunks = p->chunks;
-        memcpy(job, p->job, CHUNK_JOB_BYTES);
+        memcpy(&loop, &p->loop, sizeof loop);
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&p->seq, memory_order_relaxed) != seq) continue;  // rewritten meanwhile
         last = seq / 2;
-        for (int i; (i = take(p, last, chunks)) >= 0;) {
-            compute(job, i, scratch);
-            deliver(p, last, fn, job, i, scratch);
-        }
+        for (int i; (i = take(p, last, loop.chunks)) >= 0;) run_chunk(p, last, &loop, i, scratch);
     }
     return NULL;
 }
@@ -161,48 +170,49 @@ int chunk_pool_start(int helpers, int idle) {
     return p ? p->helpers : 0;
 }
 
-void chunk_loop(int chunks, chunk_fn compute, chunk_fn deliver_fn, const void *job, size_t job_bytes) {
-    unsigned char scratch[CHUNK_SCRATCH_BYTES] __attribute__((aligned(64)));
+int chunk_loop(float *out, size_t total, size_t per_chunk, chunk_fn compute, const void *job, size_t job_bytes) {
+    if (per_chunk < 1 || per_chunk > CHUNK_SCRATCH_FLOATS || job_bytes > CHUNK_JOB_BYTES) return 1;
+    float scratch[CHUNK_SCRATCH_FLOATS] __attribute__((aligned(64)));
+    const size_t count = (total + per_chunk - 1) / per_chunk;
+    Loop args = {compute, out, total, per_chunk, (int)count};
+    memcpy(args.job, job, job_bytes);
     Pool *p = start(omp_get_max_threads() - 1, 0);
-    if (!p || !p->helpers || chunks < 2 || chunks > MAX_CHUNKS || job_bytes > CHUNK_JOB_BYTES) {
-        for (int i = 0; i < chunks; i++) {
-            compute(job, i, scratch);
-            deliver_fn(job, i, scratch);
+    if (!p || !p->helpers || count < 2 || count > MAX_CHUNKS) {
+        for (size_t i = 0; i < count; i++) {
+            compute(job, (int)i, scratch);
+            copy_out(&args, (int)i, scratch);
         }
-        return;
+        return 0;
     }
+    const int chunks = (int)count;
     // Publish the loop (a seqlock: helpers that copy it while it is written see seq change and copy again).
     const uint64_t number = atomic_load_explicit(&p->seq, memory_order_relaxed) / 2 + 1;
     atomic_store_explicit(&p->seq, 2 * number - 1, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
-    p->compute = compute, p->deliver = deliver_fn, p->chunks = chunks;
-    memcpy(p->job, job, job_bytes);
+    p->loop = args;
     const uint32_t tag = (uint32_t)(number << 2);
     for (int i = 0; i < chunks; i++) atomic_store_explicit(&p->state[i], tag | FREE, memory_order_relaxed);
     atomic_store_explicit(&p->cursor, (number & 0xffffffffu) << 32, memory_order_relaxed);
     atomic_store_explicit(&p->seq, 2 * number, memory_order_release);
     if (atomic_load(&p->sleepers)) wake_all(&p->seq);
 
+    const Loop *loop = &args;
     const uint64_t started = now_ns();
     int mine = 0;
-    for (int i; (i = take(p, number, chunks)) >= 0; mine++) {
-        compute(job, i, scratch);
-        deliver(p, number, deliver_fn, job, i, scratch);
-    }
+    for (int i; (i = take(p, number, chunks)) >= 0; mine++) run_chunk(p, number, loop, i, scratch);
     // The chunks helpers took and have not delivered: a helper on its core is about done with its chunk, so
     // wait about two chunks' time, then compute the rest here too.
     const uint64_t patience = mine ? 2 * (now_ns() - started) / mine : 0, waiting = now_ns();
     for (int i = 0; i < chunks; i++) {
         uint32_t s;
         while ((s = atomic_load_explicit(&p->state[i], memory_order_acquire)) != (tag | DONE)) {
-            if (s == (tag | FREE) && now_ns() - waiting > patience) {
-                compute(job, i, scratch);
-                deliver(p, number, deliver_fn, job, i, scratch);
-            } else {
+            if (s == (tag | FREE) && now_ns() - waiting > patience)
+                run_chunk(p, number, loop, i, scratch);
+            else
                 _mm_pause();  // the helper is about done, or copying its result into place
-            }
         }
     }
+    return 0;
 }
 
 void openmp_workers_start(int idle) {

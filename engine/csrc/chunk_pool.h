@@ -2,14 +2,16 @@
 #include <stddef.h>
 
 #define CHUNK_JOB_BYTES 128       // the most a loop's arguments (`job`) may take: they are copied into the pool
-#define CHUNK_SCRATCH_BYTES 8192  // the most one chunk's result may take before it is delivered
+#define CHUNK_SCRATCH_FLOATS 2048  // the most one chunk's result may take before it is delivered
 
-// Chunk `i` of the loop whose arguments are `job`: computed into `scratch`, or delivered from there.
-typedef void (*chunk_fn)(const void *job, int i, void *scratch);
+// Chunk `i` of the loop whose arguments are `job`, computed into `scratch`: floats [i * per_chunk, up to
+// i * per_chunk + per_chunk or `total`) of the loop's output.
+typedef void (*chunk_fn)(const void *job, int i, float *scratch);
 
-// For every i < chunks, compute(job, i, scratch) and then deliver(job, i, scratch) on the same thread, each
-// chunk delivered once; returns when all are. Spread over the calling thread's pool.
-void chunk_loop(int chunks, chunk_fn compute, chunk_fn deliver, const void *job, size_t job_bytes);
+// out[0, total) in chunks of `per_chunk` floats (at most CHUNK_SCRATCH_FLOATS): compute(job, i, scratch) for
+// every chunk, each copied into `out` once; returns 0 when all are, 1 for bad arguments. Spread over the calling
+// thread's pool.
+int chunk_loop(float *out, size_t total, size_t per_chunk, chunk_fn compute, const void *job, size_t job_bytes);
 
 // Start the calling thread's pool with `helpers` threads, at idle priority (SCHED_IDLE) when `idle`; they
 // share the caller's CPU affinity. Returns the number of helpers (a pool already started stays as it is).

@@ -10,7 +10,6 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "chunk_pool.h"
 
@@ -159,24 +158,17 @@ static void rebuild(float *w, const int8_t *qb, const float *ab, const float *bb
 typedef struct {
     const float *x, *a, *b;
     const int8_t *q;
-    float *y;
     int k_in, group, blocks;
 } RowJob;
 
-static void row_compute(const void *job, int i, void *scratch) {
+// Chunk `i`'s ROW_CHUNK blocks of outputs into `out`.
+static void row_chunk(const void *job, int i, float *out) {
     const RowJob *j = job;
     const int groups = j->k_in / j->group, first = i * ROW_CHUNK;
     const int last = first + ROW_CHUNK < j->blocks ? first + ROW_CHUNK : j->blocks;
     for (int nb = first; nb < last; nb++)
         direct_rows(1, j->x, j->q + (size_t)nb * j->k_in * NB, j->a + (size_t)nb * groups * NB,
-                    j->b ? j->b + (size_t)nb * groups * NB : NULL, j->k_in, j->group,
-                    (float *)scratch + (nb - first) * NB, NB);
-}
-
-static void row_deliver(const void *job, int i, void *scratch) {
-    const RowJob *j = job;
-    const int first = i * ROW_CHUNK, last = first + ROW_CHUNK < j->blocks ? first + ROW_CHUNK : j->blocks;
-    memcpy(j->y + (size_t)first * NB, scratch, sizeof(float) * NB * (last - first));
+                    j->b ? j->b + (size_t)nb * groups * NB : NULL, j->k_in, j->group, out + (nb - first) * NB, NB);
 }
 
 int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int8_t *q, const float *a,
@@ -185,9 +177,8 @@ int int8_linear(const float *x, int m, int k_in, int n_out, int group, const int
     // A helper may still read x after the loop (chunk_pool.c): x must stay mapped, as heap blocks below glibc's
     // mmap threshold (128 KB) do.
     if (m == 1 && k_in <= 16384) {
-        const RowJob job = {x, a, b, q, y, k_in, group, n_out / NB};
-        chunk_loop((job.blocks + ROW_CHUNK - 1) / ROW_CHUNK, row_compute, row_deliver, &job, sizeof job);
-        return 0;
+        const RowJob job = {x, a, b, q, k_in, group, n_out / NB};
+        return chunk_loop(y, n_out, ROW_CHUNK * NB, row_chunk, &job, sizeof job);
     }
     // x per tile of MR rows as [K][rows]: one step's broadcasts share a cache line
     float *xt = (float *)aligned_alloc(64, sizeof(float) * (((size_t)m * k_in + 15) / 16 * 16));

@@ -9,7 +9,6 @@
 // Each block of 16 outputs (10 KB at K = 640) stays in L1 while every tile of 4 rows passes over it.
 #include <immintrin.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "chunk_pool.h"
 
@@ -67,22 +66,16 @@ typedef struct {
     const int8_t *w;
     const int32_t *row_sum;
     const float *scale;
-    float *out;
     int k_in, zero, blocks;
 } RowJob;
 
-static void row_compute(const void *job, int i, void *scratch) {
+// Chunk `i`'s ROW_CHUNK blocks of scores into `out`.
+static void row_chunk(const void *job, int i, float *out) {
     const RowJob *j = job;
     const int first = i * ROW_CHUNK, last = first + ROW_CHUNK < j->blocks ? first + ROW_CHUNK : j->blocks;
     for (int nb = first; nb < last; nb++)
         tile(1, j->x, j->k_in, j->w + (size_t)nb * j->k_in * NB, j->row_sum + nb * NB, j->scale + nb * NB, j->zero,
-             (float *)scratch + (nb - first) * NB, NB);
-}
-
-static void row_deliver(const void *job, int i, void *scratch) {
-    const RowJob *j = job;
-    const int first = i * ROW_CHUNK, last = first + ROW_CHUNK < j->blocks ? first + ROW_CHUNK : j->blocks;
-    memcpy(j->out + (size_t)first * NB, scratch, sizeof(float) * NB * (last - first));
+             out + (nb - first) * NB, NB);
 }
 
 // x [m][k_in] u8, rows k_in bytes apart (k_in a multiple of 4); w packed as above (n_out a multiple of 16),
@@ -91,9 +84,8 @@ int int8_screen(const uint8_t *x, int m, int k_in, int n_out, const int8_t *w, c
                 const float *scale, int zero, float *out) {
     if (m < 1 || k_in % 4 || n_out % NB || ((uintptr_t)w & 31)) return 1;
     if (m == 1 && k_in <= 65536) {  // x stays mapped (see int8_linear.c)
-        const RowJob job = {x, w, row_sum, scale, out, k_in, zero, n_out / NB};
-        chunk_loop((job.blocks + ROW_CHUNK - 1) / ROW_CHUNK, row_compute, row_deliver, &job, sizeof job);
-        return 0;
+        const RowJob job = {x, w, row_sum, scale, k_in, zero, n_out / NB};
+        return chunk_loop(out, n_out, ROW_CHUNK * NB, row_chunk, &job, sizeof job);
     }
 #pragma omp parallel for schedule(static)
     for (int nb = 0; nb < n_out / NB; nb++) {
