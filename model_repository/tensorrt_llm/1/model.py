@@ -7,7 +7,6 @@ the same id, as with TensorRT-LLM's backend.
 
 import os
 import threading
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,10 +25,6 @@ GAUGES = {  # engine.stats() key -> Triton metric, on Triton's metrics port
     "running": ("llm_engine_requests_running", "Requests in the engine's running batch"),
     "waiting": ("llm_engine_requests_waiting", "Requests queued for a free engine slot"),
 }
-# How often a streaming request asks Triton whether its client cancelled it: each `is_cancelled()` is a round trip
-# to tritonserver that wakes two processes on the cores the engine computes on. The adapter stops what it abandons
-# with a stop request; this catches gRPC clients that cancel their call, within this long and a step.
-CANCEL_POLL_S = 0.1
 
 
 @dataclass(eq=False)
@@ -38,15 +33,6 @@ class Stream:
 
     request: engine_io.EngineRequest
     sender: object  # the request's pb_utils response sender
-    cancel_polled_at: float = float("-inf")  # time.monotonic() of the last is_cancelled()
-
-    def cancelled(self) -> bool:
-        """Whether the client cancelled, asking Triton at most every CANCEL_POLL_S."""
-        now = time.monotonic()
-        if now - self.cancel_polled_at < CANCEL_POLL_S:
-            return False
-        self.cancel_polled_at = now
-        return self.sender.is_cancelled()
 
 
 class TritonPythonModel:
@@ -124,7 +110,7 @@ class TritonPythonModel:
         self.engine.submit(parsed.key, parsed.prompt_ids, parsed.params, lambda output: self.relay.put(stream, output))
 
     def _send(self, stream: Stream, output) -> None:
-        if not output.finished and stream.cancelled():
+        if not output.finished and stream.sender.is_cancelled():
             self.engine.cancel(stream.request.key)  # the client closed its stream to this model
             return
         flags = FINAL if output.finished else 0
