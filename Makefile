@@ -43,6 +43,7 @@ bench: model aiperf
 	$(PY) -m bench.serve_load
 	$(PY) -m bench.stack_layers
 	$(PY) -m bench.first_token
+	$(PY) -m bench.stack_cpu
 	$(PY) -m bench.relay
 	$(PY) -m bench.aiperf_load
 	$(PY) -m bench.prefix_reuse

@@ -125,10 +125,11 @@ def cpu_seconds(path: str) -> float:
 ENGINE_HELPERS = ("chunk-pool", "engine-omp")  # the engine thread's compute helpers (engine/engine.py)
 
 
-def stack_cpu(stack: Stack) -> dict[str, float]:
+def stack_cpu(stack: Stack, whole_engine_model: bool = False) -> dict[str, float]:
     """CPU seconds so far of each part of the stack, and of this process (the benchmark's client). The engine
     model's process counts without its busiest thread (the engine's) and that thread's helpers: what is left is
-    its relay to Triton."""
+    its relay to Triton. With `whole_engine_model` (a SYNTHETIC engine, whose thread computes nothing) it counts
+    whole, as "engine model"."""
     parts: dict[str, float] = {}
     for pid in descendants(stack.process.pid):
         try:
@@ -138,7 +139,9 @@ def stack_cpu(stack: Stack) -> dict[str, float]:
                     parts[name] = parts.get(name, 0.0) + cpu_seconds(f"/proc/{pid}/stat")
                     break
             else:
-                if "tensorrt_llm" in command:
+                if "tensorrt_llm" in command and whole_engine_model:
+                    parts["engine model"] = cpu_seconds(f"/proc/{pid}/stat")
+                elif "tensorrt_llm" in command:
                     tasks = [f"/proc/{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task")]
                     threads = sorted(cpu_seconds(f"{t}/stat") for t in tasks
                                      if Path(f"{t}/comm").read_text().strip() not in ENGINE_HELPERS)

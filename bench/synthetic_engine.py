@@ -2,12 +2,16 @@
 
 It answers every running request with one token per step, instantly, so a benchmark measures what the
 serving stack (Triton's relay, postprocessing, the adapter, SSE) can deliver when the engine is not the
-limit. Selected by ENGINE_KIND=synthetic; never loaded otherwise.
+limit. Selected by ENGINE_KIND=synthetic; never loaded otherwise. SYNTHETIC_STEP_MS (environment) paces its
+steps instead, like a real model's, without using the CPU: `bench.stack_cpu` measures what the stack costs per
+token at the model's rate.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable
 
 from engine import GenerationOutput, PromptTooLongError, QueueFullError, SamplingParams, stream_due
@@ -22,9 +26,10 @@ class _Request:
 
 class SyntheticEngine:
     def __init__(self, max_batch_size: int = 64, max_seq_len: int = 4096, max_queue_size: int = 256,
-                 stream_interval: int = 0):
+                 stream_interval: int = 0, step_s: float | None = None):
         self.max_batch_size, self.max_seq_len, self.max_queue_size = max_batch_size, max_seq_len, max_queue_size
         self.stream_interval = stream_interval
+        self.step_s = float(os.environ.get("SYNTHETIC_STEP_MS", "0")) / 1000 if step_s is None else step_s
         self._step = 0
         self._cv = threading.Condition()
         self._live: dict[str, _Request] = {}
@@ -72,6 +77,7 @@ class SyntheticEngine:
                     return
                 cancels, self._cancels = self._cancels, set()
                 batch = list(self._live.values())[: self.max_batch_size]
+            step_started = time.monotonic()
             for request in batch:
                 cancelled = request.id in cancels
                 if not cancelled:
@@ -96,3 +102,5 @@ class SyntheticEngine:
                     with self._cv:
                         del self._live[request.id]
             self._step += 1
+            if self.step_s:
+                time.sleep(max(0.0, step_started + self.step_s - time.monotonic()))
