@@ -34,12 +34,10 @@ PARTS = ("client", "adapter", "tritonserver", "engine model")
 
 
 def start_paced_stack(model_dir: Path, repo: Path, name: str, step_ms: float, env: dict[str, str]):
-    import launcher.stack_process as stack_process
+    from launcher.stack_process import start_stack
 
-    stack_process.REPO_ROOT = repo.resolve()  # the stack runs `python -m launcher` in this checkout
-    return stack_process.start_stack(model_dir, bench_cache(name), ENGINE_KIND="synthetic",
-                                     ENGINE_MAX_BATCH_SIZE="4", NIM_MAX_MODEL_LEN="512",
-                                     SYNTHETIC_STEP_MS=str(step_ms), **env)
+    return start_stack(model_dir, bench_cache(name), repo_root=repo.resolve(), ENGINE_KIND="synthetic",
+                       ENGINE_MAX_BATCH_SIZE="4", NIM_MAX_MODEL_LEN="512", SYNTHETIC_STEP_MS=str(step_ms), **env)
 
 
 def main() -> None:

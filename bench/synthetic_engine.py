@@ -26,10 +26,10 @@ class _Request:
 
 class SyntheticEngine:
     def __init__(self, max_batch_size: int = 64, max_seq_len: int = 4096, max_queue_size: int = 256,
-                 stream_interval: int = 0, step_s: float | None = None):
+                 stream_interval: int = 0):
         self.max_batch_size, self.max_seq_len, self.max_queue_size = max_batch_size, max_seq_len, max_queue_size
         self.stream_interval = stream_interval
-        self.step_s = float(os.environ.get("SYNTHETIC_STEP_MS", "0")) / 1000 if step_s is None else step_s
+        self.step_s = float(os.environ.get("SYNTHETIC_STEP_MS", "0")) / 1000
         self._step = 0
         self._cv = threading.Condition()
         self._live: dict[str, _Request] = {}

@@ -38,7 +38,9 @@ class Stack:
         return self.log_path.read_text(errors="replace")
 
 
-def start_stack(model_dir: Path, work_dir: Path, timeout_s: float = 300.0, **extra_env: str) -> Stack:
+def start_stack(model_dir: Path, work_dir: Path, timeout_s: float = 300.0, repo_root: Path = REPO_ROOT,
+                **extra_env: str) -> Stack:
+    """The service from the checkout at `repo_root` (another one's code, for benchmarks that compare two)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     openai_port = free_port()
     grpc_port = free_port(frozenset({openai_port}))
@@ -55,7 +57,7 @@ def start_stack(model_dir: Path, work_dir: Path, timeout_s: float = 300.0, **ext
     log_path = work_dir / "stack.log"
     log_file = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(
-        [sys.executable, "-m", "launcher"], cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "launcher"], cwd=repo_root, env=env, stdout=log_file, stderr=subprocess.STDOUT
     )
     log_file.close()  # the child holds its own copy
     stack = Stack(process, model_dir, openai_port, grpc_port, metrics_port, log_path)
