@@ -18,6 +18,13 @@ from pipeline.tensors import Tensors
 
 PREPROCESSING, POSTPROCESSING = "preprocessing", "postprocessing"
 
+# Engine outputs that repeat one of the request's own inputs on every response (docs/tensors.md), by the input they
+# repeat. The ensemble needs them there; the adapter has them already, so it does not ask for them, and the engine
+# does not send them: each tensor costs every hop of every streamed token.
+ECHOED_INPUTS = {"request_context": "request_context", "num_input_tokens": "input_lengths"}
+# Nor for the running count of generated tokens: the adapter counts the tokens it receives (RequestProgress).
+COUNTED_HERE = ("num_output_tokens",)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -61,12 +68,19 @@ class PipelineSteps:
         tensors.update(self.preprocessing.outputs(produced))
         return self.engine.inputs(tensors)
 
-    def postprocessor(self, stop_engine: Callable[[str], None]) -> Callable[[Tensors], Tensors]:
-        """One request's postprocessing: an engine response's outputs in, the ensemble's outputs out."""
+    def engine_outputs(self) -> tuple[str, ...]:
+        """The engine outputs a request asks Triton for: those the ensemble reads, less the echoes of its inputs and
+        the token count."""
+        return tuple(name for name in self.engine.output_map if name not in ECHOED_INPUTS and name not in COUNTED_HERE)
+
+    def postprocessor(self, engine_inputs: Tensors, stop_engine: Callable[[str], None]) -> Callable[[Tensors], Tensors]:
+        """One request's postprocessing: the outputs of an engine response to `engine_inputs` (asked for with
+        `engine_outputs`) in, the ensemble's outputs out."""
         postprocess = Postprocessor(self.preprocessor.tokenizer, stop_engine)
+        echoes = {output: engine_inputs[name] for output, name in ECHOED_INPUTS.items() if name in engine_inputs}
 
         def run(engine_outputs: Tensors) -> Tensors:
-            ensemble_tensors = self.engine.outputs(engine_outputs)
+            ensemble_tensors = self.engine.outputs({**echoes, **engine_outputs})
             return self.postprocessing.outputs(postprocess(self.postprocessing.inputs(ensemble_tensors)))
 
         return run

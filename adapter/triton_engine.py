@@ -410,9 +410,9 @@ class TritonEngine:
                 engine_inputs = steps.engine_inputs(tensors, request_id)
         except InvalidRequest as exc:
             raise error_from_invalid_request(exc) from None
-        postprocess = steps.postprocessor(stop_engine=lambda key: self._in_background(self.cancel(key)))
-        return infer_request(steps.engine.model, request_id, engine_inputs), lambda outputs: parse_outputs(
-            postprocess(outputs))
+        postprocess = steps.postprocessor(engine_inputs, stop_engine=lambda key: self._in_background(self.cancel(key)))
+        request = infer_request(steps.engine.model, request_id, engine_inputs, steps.engine_outputs())
+        return request, lambda outputs: parse_outputs(postprocess(outputs))
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: GenerationParams

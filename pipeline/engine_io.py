@@ -18,13 +18,16 @@ class EngineRequest:
     exclude_input_in_output: bool
     context_json: str  # echoed unchanged on every response
     key: str  # what a stop request names to cancel this one
+    outputs: frozenset[str] | None = None  # the outputs the request asked for (Triton drops the others); None: all
 
 
 def is_stop_request(inputs: Tensors) -> bool:
     return bool(scalar(inputs, "stop", False))
 
 
-def parse_request(inputs: Tensors, request_id: str) -> EngineRequest:
+def parse_request(inputs: Tensors, request_id: str, requested_outputs=()) -> EngineRequest:
+    """`requested_outputs`: the request's output names as Triton lists them (all of the model's when the client
+    named none); empty reads as all."""
     input_ids = inputs["input_ids"].reshape(-1)
     length = scalar(inputs, "input_lengths", len(input_ids))
     prompt_ids = [int(t) for t in input_ids[:length]]
@@ -66,6 +69,7 @@ def parse_request(inputs: Tensors, request_id: str) -> EngineRequest:
         exclude_input_in_output=bool(scalar(inputs, "exclude_input_in_output", False)),
         context_json=context_json,
         key=key,
+        outputs=frozenset(requested_outputs) or None,
     )
 
 
@@ -87,9 +91,9 @@ def stop_reason_text(reason) -> str:
 def response_tensors(request: EngineRequest, output: GenerationOutput) -> Tensors:
     """One response in TensorRT-LLM's shapes: [batch, beam, tokens] ids, plus our extension tensors.
 
-    Log-probability tensors come only when the request asked for them, and the finish and stop reasons only
-    on the last response: every tensor is copied at each hop (engine, Triton, postprocessing, gRPC), once per
-    streamed token."""
+    Only the outputs the request asked for; log-probability tensors only when the request asked for them, and the
+    finish and stop reasons only on the last response: every tensor is copied at each hop (engine, Triton,
+    postprocessing, gRPC), once per streamed token."""
     token_ids = list(output.token_ids)
     if output.finished and not request.params.streaming and not request.exclude_input_in_output:
         token_ids = request.prompt_ids + token_ids  # TensorRT-LLM's default for non-streamed output
@@ -106,6 +110,8 @@ def response_tensors(request: EngineRequest, output: GenerationOutput) -> Tensor
         tensors["finish_reason"] = string_tensor(output.finish_reason or "")
         tensors["stop_reason"] = string_tensor(stop_reason_text(output.stop_reason))
         tensors["num_cached_tokens"] = int_tensor(output.num_cached_tokens)
+    if request.outputs is not None:
+        return {name: array for name, array in tensors.items() if name in request.outputs}
     return tensors
 
 

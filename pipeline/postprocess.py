@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.context import RequestContext
-from pipeline.tensors import Tensors, int_tensor, scalar, string_tensor
+from pipeline.tensors import Tensors, scalar, string_tensor
 from tokenization.postprocess import StreamDecoder
 from tokenization.tokenizer import Tokenizer
 
 # Engine outputs passed on unchanged when the engine sent them.
 _PASSED_ON = (
+    ("NUM_INPUT_TOKENS", "OUT_NUM_INPUT_TOKENS"),
+    ("NUM_OUTPUT_TOKENS", "OUT_NUM_OUTPUT_TOKENS"),
     ("NUM_CACHED_TOKENS", "OUT_NUM_CACHED_TOKENS"),
     ("CUM_LOG_PROBS", "OUT_CUM_LOG_PROBS"),
     ("OUTPUT_LOG_PROBS", "OUT_OUTPUT_LOG_PROBS"),
@@ -86,11 +88,10 @@ class Postprocessor:
         outputs = {
             "OUTPUT": np.array([[step.text.encode("utf-8")]], dtype=np.object_),
             "OUT_TOKEN_IDS": np.array([token_ids], dtype=np.int32),
-            "OUT_NUM_INPUT_TOKENS": int_tensor(scalar(inputs, "NUM_INPUT_TOKENS", 0)),
-            "OUT_NUM_OUTPUT_TOKENS": int_tensor(scalar(inputs, "NUM_OUTPUT_TOKENS", 0)),
         }
         # Only what the engine sent on (log probabilities when asked for, reasons and the cached prompt tokens on
-        # the last response): each tensor is copied again by Triton and sent over gRPC with every streamed token.
+        # the last response, the counts when asked for): each tensor is copied again by Triton and sent over gRPC
+        # with every streamed token.
         if finish_reason:
             outputs["OUT_FINISH_REASON"] = string_tensor(finish_reason)
             outputs["OUT_STOP_REASON"] = string_tensor(stop_reason)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from tests.triton_calls import Result, TritonStream, ensemble_inputs, generate, stop_engine_request, wait_for_gauge
+from tests.triton_calls import (
+    Result,
+    TritonStream,
+    ensemble_inputs,
+    generate,
+    stop_engine_request,
+    tensor,
+    wait_for_gauge,
+)
 
 PROMPTS = ["The capital of France is", "Ünïcödé, 日本語 and emoji 👋🏽:", "  leading spaces\nand newlines\t"]
 
@@ -118,3 +127,27 @@ def test_stop_request_cancels_through_the_ensemble(tiny_stack):
         wait_for_gauge(tiny_stack, "llm_engine_requests_running", 0)
     finally:
         connection.close()
+
+
+def test_the_engine_builds_only_the_outputs_asked_for(tiny_stack):
+    # Each tensor is copied at every hop of every streamed token: a client that names its outputs (the adapter does,
+    # leaving out the echoes of its own inputs) gets only those; one that names none gets them all.
+    prompt = [2, 651, 6037, 529]
+    inputs = [tensor("input_ids", prompt, np.int32), tensor("input_lengths", [len(prompt)], np.int32),
+              tensor("request_output_len", [3], np.int32), tensor("streaming", [True], np.bool_)]
+    connection = TritonStream(tiny_stack.grpc_url)
+    try:
+        connection.send("tensorrt_llm", inputs, "named", outputs=["output_ids", "finish_reason"])
+        named = connection.read(Result())
+        connection.send("tensorrt_llm", inputs, "all")
+        everything = connection.read(Result())
+    finally:
+        connection.close()
+    assert named.error is None and everything.error is None
+    named_tokens = [names for names in named.output_names if names]
+    assert len(named_tokens) == 3 and all(names <= {"output_ids", "finish_reason"} for names in named_tokens)
+    assert all("output_ids" in names for names in named_tokens) and "finish_reason" in named_tokens[-1]
+    all_tokens = [names for names in everything.output_names if names]
+    assert len(all_tokens) == 3
+    expected = {"output_ids", "sequence_length", "num_input_tokens", "request_context"}
+    assert all(expected <= names for names in all_tokens)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine import GenerationOutput
+from pipeline import engine_io
 from pipeline.context import RequestContext
 from pipeline.postprocess import Postprocessor
 from pipeline.preprocess import Preprocessor
@@ -23,6 +25,18 @@ def test_word_lists_round_trip():
     assert encoded.tolist() == [[[5, 7, 8, 9, 10, 11], [1, 4, 6, -1, -1, -1]]]
     assert decode_word_lists(encoded) == words
     assert decode_word_lists(encode_word_lists([])) == []
+
+
+def test_engine_responses_carry_only_the_outputs_asked_for():
+    inputs = {"input_ids": np.array([[2, 651, 6037]], dtype=np.int32), "request_output_len": int_tensor(4)}
+    output = GenerationOutput("r1", [7], num_input_tokens=3, num_output_tokens=1)
+    everything = engine_io.response_tensors(engine_io.parse_request(inputs, "r1"), output)
+    assert set(everything) == {"output_ids", "sequence_length", "num_input_tokens", "num_output_tokens",
+                               "request_context"}
+    asked = engine_io.parse_request(inputs, "r1", ["output_ids", "num_output_tokens", "finish_reason"])
+    assert set(engine_io.response_tensors(asked, output)) == {"output_ids", "num_output_tokens"}
+    last = GenerationOutput("r1", [8], finished=True, finish_reason="length", num_input_tokens=3, num_output_tokens=2)
+    assert set(engine_io.response_tensors(asked, last)) == {"output_ids", "num_output_tokens", "finish_reason"}
 
 
 def test_preprocess_tokenizes_and_turns_extra_end_ids_into_stop_words(tokenizer):

@@ -66,8 +66,11 @@ class TritonStream:
         self.responses: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
 
-    def send(self, model: str, inputs, request_id: str = "") -> None:
-        self.client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+    def send(self, model: str, inputs, request_id: str = "", outputs: list[str] | None = None) -> None:
+        """`outputs`: the output names to ask for; None asks for none by name, which Triton reads as all."""
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
+        self.client.async_stream_infer(model, inputs, request_id=request_id, outputs=requested,
+                                       enable_empty_final_response=True)
 
     def read(self, result: Result, timeout: float = 60.0, until_final: bool = True, max_responses: int | None = None):
         while True:

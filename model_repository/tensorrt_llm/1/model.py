@@ -105,7 +105,7 @@ class TritonPythonModel:
             self.engine.cancel(request.request_id())
             sender.send(flags=FINAL)
             return
-        parsed = engine_io.parse_request(inputs, request.request_id())
+        parsed = engine_io.parse_request(inputs, request.request_id(), request.requested_output_names())
         stream = Stream(parsed, sender)
         self.engine.submit(parsed.key, parsed.prompt_ids, parsed.params, lambda output: self.relay.put(stream, output))
 
