@@ -3,11 +3,10 @@ tritonclient over gRPC on the ensemble, both against one running stack."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from openai import OpenAI
 
-from tests.triton_calls import Result, TritonStream, generate, tensor, wait_for_gauge
+from tests.triton_calls import Result, TritonStream, engine_inputs, generate, wait_for_gauge
 
 # transformers' greedy continuation of this prompt on the same weights (see tests/test_default_model.py).
 PROMPT = "The capital of France is"
@@ -62,12 +61,9 @@ def test_chat_streamed_equals_non_streamed(client, default_stack):
 def test_a_grpc_client_that_cancels_its_stream_frees_the_engine(default_stack):
     # Triton tells the engine model that its client went away (`is_cancelled()`, asked at every response), and the
     # engine stops the request at its next step instead of generating the rest of its 1,000 tokens (~20 s here).
-    prompt = [2, 651, 6037, 529]
-    inputs = [tensor("input_ids", prompt, np.int32), tensor("input_lengths", [len(prompt)], np.int32),
-              tensor("request_output_len", [1000], np.int32), tensor("streaming", [True], np.bool_)]
     connection = TritonStream(default_stack.grpc_url)
     try:
-        connection.send("tensorrt_llm", inputs, "cancelled-by-its-client")
+        connection.send("tensorrt_llm", engine_inputs([2, 651, 6037, 529], 1000), "cancelled-by-its-client")
         started = connection.read(Result(), until_final=False, max_responses=3)
         assert started.error is None and started.responses == 3
         wait_for_gauge(default_stack, "llm_engine_requests_running", 1)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from tests.triton_calls import (
     Result,
     TritonStream,
+    engine_inputs,
     ensemble_inputs,
     generate,
     stop_engine_request,
-    tensor,
     wait_for_gauge,
 )
 
@@ -132,9 +131,7 @@ def test_stop_request_cancels_through_the_ensemble(tiny_stack):
 def test_the_engine_builds_only_the_outputs_asked_for(tiny_stack):
     # Each tensor is copied at every hop of every streamed token: a client that names its outputs (the adapter does,
     # leaving out the echoes of its own inputs) gets only those; one that names none gets them all.
-    prompt = [2, 651, 6037, 529]
-    inputs = [tensor("input_ids", prompt, np.int32), tensor("input_lengths", [len(prompt)], np.int32),
-              tensor("request_output_len", [3], np.int32), tensor("streaming", [True], np.bool_)]
+    inputs = engine_inputs([2, 651, 6037, 529], 3)
     connection = TritonStream(tiny_stack.grpc_url)
     try:
         connection.send("tensorrt_llm", inputs, "named", outputs=["output_ids", "finish_reason"])

@@ -41,6 +41,12 @@ def ensemble_inputs(prompt: str, max_tokens: int, stream: bool, **options) -> li
     return inputs
 
 
+def engine_inputs(prompt_ids: list[int], max_tokens: int) -> list[grpcclient.InferInput]:
+    """A streamed request straight to the `tensorrt_llm` model, in TensorRT-LLM's tensors."""
+    return [tensor("input_ids", prompt_ids, np.int32), tensor("input_lengths", [len(prompt_ids)], np.int32),
+            tensor("request_output_len", [max_tokens], np.int32), tensor("streaming", [True], np.bool_)]
+
+
 @dataclass
 class Result:
     chunks: list[str] = field(default_factory=list)
