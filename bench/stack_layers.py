@@ -8,9 +8,10 @@ directly (Triton and the engine's Python-backend host); the same client streamin
 preprocessing and the per-response postprocessing hop); an OpenAI client streaming /v1/completions from the
 adapter set to go through the ensemble (NIM_PIPELINE_IN_ADAPTER=0: adds the adapter, HTTP and SSE); and from the
 adapter as it runs by default, preprocessing and postprocessing in it and streaming from `tensorrt_llm`. Every
-layer runs --passes times, interleaved with the others (this machine's noise is about 15% run to run); each is
-reported as its median pass, and as the median (and quartiles) of its passes' ratios to the in-process pass run
-just before them: the machine's drift cancels out of a pair. `--layers` picks some of grpc-engine, grpc-ensemble,
+layer runs --passes times, interleaved with the others (this machine's noise is about 15% run to run), the layers
+in reverse order every other pass so that a drift within a pass favours none; each is reported as its median pass,
+and as the median (and quartiles) of its passes' ratios to the in-process pass of the same round: the machine's
+drift cancels out of a pair. `--layers` picks some of grpc-engine, grpc-ensemble,
 http-ensemble and http (default: all). Prompts are distinct (`serve_load.Prompts`), 128 tokens in and out with
 ignore_eos, as in bench.serve_load. With `--output-tokens 1` (results in stack_layers-c1-out1.md) a pass is only
 first tokens: `--output-tokens 1 --rounds 1 --passes 30 --layers grpc-engine,http` pairs 30 of them.
@@ -202,8 +203,8 @@ def main() -> None:
             layers = {IN_PROCESS: (lambda: in_process_load(engine, prompts, n, out, rounds), stack), **layers}
             for run, _ in layers.values():  # warm-up
                 run()
-            for _ in range(args.passes):
-                for name, (run, measured) in layers.items():
+            for p in range(args.passes):
+                for name, (run, measured) in (list(layers.items()) if p % 2 == 0 else reversed(layers.items())):
                     before = stack_cpu(measured)
                     result = run()
                     after = stack_cpu(measured)
@@ -230,7 +231,7 @@ def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str
         return statistics.mean(r["cpu_ms_per_token"].get(part, 0.0) for r in runs[name])
 
     def paired(name: str) -> str:
-        """Against the in-process pass before each of the layer's: the median and quartiles of its e2e, % behind,
+        """Against the in-process pass of each of the layer's rounds: the median and quartiles of its e2e, % behind,
         and the median of its first token's difference."""
         if name == IN_PROCESS:
             return " | "
