@@ -128,9 +128,10 @@ def test_stop_request_cancels_through_the_ensemble(tiny_stack):
         connection.close()
 
 
-def test_the_engine_builds_only_the_outputs_asked_for(tiny_stack):
-    # Each tensor is copied at every hop of every streamed token: a client that names its outputs (the adapter does,
-    # leaving out the echoes of its own inputs) gets only those; one that names none gets them all.
+def test_a_client_of_the_engine_gets_the_outputs_it_names_or_all(tiny_stack):
+    # The engine model builds only the outputs a request names (tests/test_pipeline.py), from Triton's list of them:
+    # a client that names some (the adapter does, leaving out the echoes of its own inputs) gets those, and one that
+    # names none gets them all.
     inputs = engine_inputs([2, 651, 6037, 529], 3)
     connection = TritonStream(tiny_stack.grpc_url)
     try:
