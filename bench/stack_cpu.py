@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 
 from bench.serve_load import Prompts, bench_cache, run_level, write_results
-from bench.stack_layers import stack_cpu
+from bench.stack_layers import paired_summary, stack_cpu
 
 PROMPT_TOKENS = 128
 PARTS = ("client", "adapter", "tritonserver", "engine model")
@@ -94,9 +94,7 @@ def main() -> None:
     for side in runs:
         paired = ""
         if side != "baseline" and "baseline" in runs:
-            ratios = [served(a) / served(b) for a, b in zip(runs[side], runs["baseline"])]
-            low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-            paired = f"{statistics.median(ratios) - 1:+.0%} ({low - 1:+.0%} to {high - 1:+.0%})"
+            paired = paired_summary([served(a) / served(b) - 1 for a, b in zip(runs[side], runs["baseline"])])
         itl = statistics.median(r["itl_p50_ms"] for r in runs[side])
         cells = " / ".join(f"{cpu(side, part):.2f}" for part in PARTS)
         total = statistics.median(served(r) for r in runs[side])

@@ -140,9 +140,11 @@ def stack_cpu(stack: Stack, whole_engine_model: bool = False) -> dict[str, float
                     parts[name] = parts.get(name, 0.0) + cpu_seconds(f"/proc/{pid}/stat")
                     break
             else:
-                if "tensorrt_llm" in command and whole_engine_model:
+                if "tensorrt_llm" not in command:
+                    continue
+                if whole_engine_model:
                     parts["engine model"] = cpu_seconds(f"/proc/{pid}/stat")
-                elif "tensorrt_llm" in command:
+                else:
                     tasks = [f"/proc/{pid}/task/{t}" for t in os.listdir(f"/proc/{pid}/task")]
                     threads = sorted(cpu_seconds(f"{t}/stat") for t in tasks
                                      if Path(f"{t}/comm").read_text().strip() not in ENGINE_HELPERS)
@@ -152,6 +154,12 @@ def stack_cpu(stack: Stack, whole_engine_model: bool = False) -> dict[str, float
     times = os.times()
     parts["client"] = times.user + times.system
     return parts
+
+
+def paired_summary(behind: list[float]) -> str:
+    """Paired differences as fractions (0.03: 3% more) by their median and quartiles: "+3% (+1% to +6%)"."""
+    low, mid, high = statistics.quantiles(behind, n=4) if len(behind) > 1 else behind * 3
+    return f"{mid:+.0%} ({low:+.0%} to {high:+.0%})"
 
 
 def main() -> None:
@@ -235,10 +243,9 @@ def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str
         and the median of its first token's difference."""
         if name == IN_PROCESS:
             return " | "
-        ratios = [r["e2e_p50_s"] / f["e2e_p50_s"] - 1 for r, f in zip(runs[name], runs[IN_PROCESS])]
-        low, mid, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        behind = [r["e2e_p50_s"] / f["e2e_p50_s"] - 1 for r, f in zip(runs[name], runs[IN_PROCESS])]
         ttft = statistics.median(r["ttft_p50_ms"] - f["ttft_p50_ms"] for r, f in zip(runs[name], runs[IN_PROCESS]))
-        return f"{100 * mid:+.0f}% ({100 * low:+.0f}% to {100 * high:+.0f}%) | {ttft:+.1f}"
+        return f"{paired_summary(behind)} | {ttft:+.1f}"
 
     floor = median(IN_PROCESS, "e2e_p50_s")
     parts = ["client", "adapter", "tritonserver", "postprocessing", "engine relay"]
