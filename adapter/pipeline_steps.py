@@ -9,6 +9,7 @@ served ensemble's own, read from Triton's config of it, and the steps are the co
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,7 @@ class PipelineSteps:
         tensors.update(self.preprocessing.outputs(produced))
         return self.engine.inputs(tensors)
 
+    @functools.cached_property  # read by every request
     def engine_outputs(self) -> tuple[str, ...]:
         """The engine outputs a request asks Triton for: those the ensemble reads, less the echoes of its inputs and
         the token count."""

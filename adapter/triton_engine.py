@@ -411,7 +411,7 @@ class TritonEngine:
         except InvalidRequest as exc:
             raise error_from_invalid_request(exc) from None
         postprocess = steps.postprocessor(engine_inputs, stop_engine=lambda key: self._in_background(self.cancel(key)))
-        request = infer_request(steps.engine.model, request_id, engine_inputs, steps.engine_outputs())
+        request = infer_request(steps.engine.model, request_id, engine_inputs, steps.engine_outputs)
         return request, lambda outputs: parse_outputs(postprocess(outputs))
 
     async def generate(

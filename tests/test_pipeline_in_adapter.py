@@ -57,7 +57,7 @@ async def test_steps_are_read_from_the_served_ensemble(engines):
     assert ensemble._steps is None  # noqa: SLF001 - no tokenizer: through the ensemble
     # The engine's echoes of the request's own inputs and its token count are not asked for: the adapter has
     # them (the answers below still match the ensemble's, token counts included).
-    asked = steps.engine_outputs()
+    asked = steps.engine_outputs
     assert {"output_ids", "sequence_length", "finish_reason", "num_cached_tokens"} <= set(asked)
     assert not {"request_context", "num_input_tokens", "num_output_tokens"} & set(asked)
 
