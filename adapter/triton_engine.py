@@ -169,6 +169,20 @@ def output_arrays(response: service_pb2.ModelInferResponse) -> Tensors:
     return arrays
 
 
+def streamed_token_ids(response: service_pb2.ModelInferResponse, tokens: str, length: str) -> list[int] | None:
+    """The new token ids of a response that carries only INT32 `tokens` and their `length` (the engine's streamed
+    responses between its first and last), read without numpy; None for any other response."""
+    if len(response.outputs) != 2:
+        return None
+    found = {}
+    for output, raw in zip(response.outputs, response.raw_output_contents):
+        if output.datatype != "INT32":
+            return None
+        found[output.name] = memoryview(raw).cast("i")  # Triton's raw tensors are little-endian, as this host
+    ids, count = found.get(tokens), found.get(length)
+    return ids[:count[0]].tolist() if ids is not None and count is not None and len(count) else None
+
+
 def parse_outputs(outputs: Tensors) -> EngineChunk:
     """One response's ensemble outputs as an EngineChunk; outputs that are absent read as empty."""
     token_ids = outputs.get("output_token_ids")
@@ -395,12 +409,13 @@ class TritonEngine:
 
     async def _engine_request(
         self, request_id: str, prompt: str | list[int], params: GenerationParams
-    ) -> tuple[service_pb2.ModelInferRequest, Callable[[Tensors], EngineChunk]]:
-        """The gRPC request to send, and how to read each of its responses' outputs."""
+    ) -> tuple[service_pb2.ModelInferRequest, Callable[[service_pb2.ModelInferResponse], EngineChunk]]:
+        """The gRPC request to send, and how to read each of its responses."""
         tensors = ensemble_inputs(prompt, params)
         steps = await self._pipeline_steps()
         if steps is None:
-            return infer_request(self.model_name, request_id, tensors, ensemble_outputs(params)), parse_outputs
+            request = infer_request(self.model_name, request_id, tensors, ensemble_outputs(params))
+            return request, lambda response: parse_outputs(output_arrays(response))
         try:
             # Tokenizing takes ~0.5 us per character of text; a long prompt goes off the event loop, while a short
             # one costs less than the hop to a thread and back (~0.3 ms of a first token).
@@ -412,12 +427,20 @@ class TritonEngine:
             raise error_from_invalid_request(exc) from None
         postprocess = steps.postprocessor(engine_inputs, stop_engine=lambda key: self._in_background(self.cancel(key)))
         request = infer_request(steps.engine.model, request_id, engine_inputs, steps.engine_outputs)
-        return request, lambda outputs: parse_outputs(postprocess(outputs))
+
+        def read(response: service_pb2.ModelInferResponse) -> EngineChunk:
+            token_ids = streamed_token_ids(response, *steps.token_outputs) if steps.token_outputs else None
+            if token_ids is None:  # the last response, or one with log probabilities
+                return parse_outputs(postprocess(output_arrays(response)))
+            return EngineChunk(text=postprocess.text(token_ids), token_ids=token_ids,
+                               num_input_tokens=postprocess.prompt_tokens)
+
+        return request, read
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: GenerationParams
     ) -> AsyncIterator[EngineChunk]:
-        request, read_outputs = await self._engine_request(request_id, prompt, params)
+        request, read = await self._engine_request(request_id, prompt, params)
         if self._stream is None or not self._stream.alive:
             self._stream = SharedStream(self._client._client_stub)  # noqa: SLF001 - see _open_stream
         stream = self._stream
@@ -438,8 +461,7 @@ class TritonEngine:
                     finished = True
                     raise error_from_message(response.error_message)
                 final = is_final(response.infer_response)
-                outputs = response.infer_response.outputs
-                chunk = read_outputs(output_arrays(response.infer_response)) if outputs else None
+                chunk = read(response.infer_response) if response.infer_response.outputs else None
                 finished = finished or final or (chunk is not None and chunk.finish_reason is not None)
                 if chunk is not None:
                     yield chunk

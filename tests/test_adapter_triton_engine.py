@@ -33,6 +33,7 @@ from adapter.triton_engine import (
     infer_request,
     output_arrays,
     parse_outputs,
+    streamed_token_ids,
 )
 from launcher.serve import free_port
 
@@ -188,6 +189,21 @@ def test_infer_request_round_trips_and_asks_for_the_empty_final_response():
     decoded = request_tensors(request)
     assert decoded["text_input"].tolist() == [[b"x"]] and decoded["stop_words"].tolist() == [[b"s"]]
     assert decoded["top_p"].dtype == np.float32 and decoded["max_tokens"].tolist() == [[3]]
+
+
+def test_streamed_token_ids_read_only_a_response_of_tokens_and_their_count():
+    def read(**outputs):
+        return streamed_token_ids(infer_response("r", outputs, False), "output_ids", "sequence_length")
+
+    ids, length = np.array([[[5, 6, -1]]], dtype=np.int32), np.array([[2]], dtype=np.int32)
+    assert read(output_ids=ids, sequence_length=length) == [5, 6]
+    assert read(sequence_length=length, output_ids=ids) == [5, 6]  # in any order
+    assert read(output_ids=ids[:, :, :0], sequence_length=np.array([[0]], dtype=np.int32)) == []
+    # Anything else goes the general way (None): the last response, other names, other types.
+    assert read(output_ids=ids, sequence_length=length, finish_reason=np.array([[b"length"]], dtype=np.object_)) is None
+    assert read(output_ids=ids) is None
+    assert read(output_ids=ids, other=length) is None
+    assert read(output_ids=ids.astype(np.int64), sequence_length=length) is None
 
 
 def test_parse_outputs():
