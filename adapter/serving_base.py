@@ -328,7 +328,7 @@ class OpenAIServing:
         raw: Request,
         generation: Generation,
         stream: bool,
-        chunks: Callable[[], AsyncIterator[BaseModel]],
+        chunks: Callable[[], AsyncIterator[BaseModel | str]],
         whole: Callable[[], Awaitable[Response]],
     ) -> Response:
         """Streamed: wait for the first answers (errors become statuses), then SSE. Whole: generate, cancelling

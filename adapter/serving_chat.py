@@ -29,6 +29,7 @@ from adapter.protocol import (
 )
 from adapter.metrics import Metrics
 from adapter.serving_base import Generation, OpenAIServing, ServedModel, TokenizerLike, clamp_logprob
+from adapter.sse import TextEvents
 
 logger = logging.getLogger("adapter.chat")
 
@@ -121,7 +122,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _chunks(
         self, request: ChatCompletionRequest, request_id: str, generation: Generation
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncIterator[ChatCompletionChunk | str]:
         created = int(time.time())
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
@@ -129,6 +130,9 @@ class OpenAIServingChat(OpenAIServing):
                 id=request_id, created=created, model=self.model.name,
                 system_fingerprint=self.model.system_fingerprint, choices=choices, usage=usage,
             )
+
+        deltas = TextEvents(  # the common event, a text delta alone, made without pydantic
+            lambda k, text: chunk([ChatCompletionStreamChoice(index=k, delta=DeltaMessage(content=text))]))
 
         for s in generation.sequences:
             yield chunk([ChatCompletionStreamChoice(index=s.index, delta=DeltaMessage(role="assistant", content=""))])
@@ -144,9 +148,11 @@ class OpenAIServingChat(OpenAIServing):
                 if request.logprobs and engine_chunk.token_ids:
                     content = self.logprobs_content(engine_chunk, request.top_logprobs or 0)
                     logprobs = ChatCompletionLogProbs(content=content)
-                if engine_chunk.text or logprobs is not None:
+                if logprobs is not None:
                     yield chunk([ChatCompletionStreamChoice(index=k, delta=DeltaMessage(content=engine_chunk.text),
                                                             logprobs=logprobs)])
+                elif engine_chunk.text:
+                    yield deltas(k, engine_chunk.text)
         if request.include_usage:
             yield chunk([], usage=generation.usage())
 

@@ -21,6 +21,7 @@ from adapter.protocol import (
     UsageInfo,
 )
 from adapter.serving_base import Generation, OpenAIServing, clamp_logprob
+from adapter.sse import TextEvents
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -77,7 +78,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _chunks(
         self, request: CompletionRequest, request_id: str, generation: Generation, echoes: list[str]
-    ) -> AsyncIterator[CompletionChunk]:
+    ) -> AsyncIterator[CompletionChunk | str]:
         # Streaming never has best_of > n, so sequence k is choice k.
         created = int(time.time())
         offsets = [len(echoes[s.prompt_index]) for s in generation.sequences]
@@ -87,6 +88,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 id=request_id, created=created, model=self.model.name,
                 system_fingerprint=self.model.system_fingerprint, choices=choices, usage=usage,
             )
+
+        texts = TextEvents(lambda k, text: chunk([CompletionResponseChoice(index=k, text=text)]))  # without pydantic
 
         for s in generation.sequences:
             if echoes[s.prompt_index]:
@@ -102,8 +105,10 @@ class OpenAIServingCompletion(OpenAIServing):
                 if request.logprobs is not None and engine_chunk.token_ids:
                     logprobs = CompletionLogProbs()
                     offsets[k] = self.add_logprobs(logprobs, engine_chunk, request.logprobs, offsets[k])
-                if engine_chunk.text or logprobs is not None:
+                if logprobs is not None:
                     yield chunk([CompletionResponseChoice(index=k, text=engine_chunk.text, logprobs=logprobs)])
+                elif engine_chunk.text:
+                    yield texts(k, engine_chunk.text)
         if request.include_usage:
             yield chunk([], usage=generation.usage())
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -32,11 +32,47 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
     return f"data: {data}\n\n"
 
 
-async def sse_stream(chunks: AsyncIterator[BaseModel | dict[str, Any]]) -> AsyncIterator[str]:
+# A JSON string as pydantic-core writes one in model_dump_json: the same escapes, non-ASCII kept as UTF-8 (tested
+# for every code point). A str with a lone surrogate, which pydantic refuses, is left to pydantic (TextEvents).
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
+_PLACEHOLDER = "\U0010fffd\ue000"  # private-use code points, which no id, model name or fingerprint holds
+
+
+class TextEvents:
+    """The events of a stream that differ only in one text (the text deltas, one per choice index), rendered
+    without pydantic: `build(index, placeholder)` goes through `sse_event` once per index, and each event is then
+    head + JSON of the text + tail, the same str as `sse_event(build(index, text))`. Why: a pydantic chunk and its
+    model_dump_json cost ~25 us an event warm, ~110-130 us cold (as between tokens); the template ~3 us, ~12-30 us."""
+
+    def __init__(self, build: Callable[[int, str], BaseModel]):
+        self.build = build
+        self.templates: dict[int, tuple[str, str] | None] = {}  # None: the placeholder is not once in the event
+
+    def __call__(self, index: int, text: str) -> str:
+        if index in self.templates:
+            template = self.templates[index]
+        else:
+            parts = sse_event(self.build(index, _PLACEHOLDER)).split(_json_string(_PLACEHOLDER))
+            template = self.templates[index] = (parts[0], parts[1]) if len(parts) == 2 else None
+        if template is None or not (text.isascii() or _utf8(text)):
+            return sse_event(self.build(index, text))
+        return template[0] + _json_string(text) + template[1]
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+async def sse_stream(chunks: AsyncIterator[BaseModel | dict[str, Any] | str]) -> AsyncIterator[str]:
+    """Each chunk is a model or dict for `sse_event`, or a str: an event already rendered (by `TextEvents`)."""
     async with aclosing(chunks):
         try:
             async for chunk in chunks:
-                yield sse_event(chunk)
+                yield chunk if isinstance(chunk, str) else sse_event(chunk)
         except APIError as exc:
             logger.warning("stream ended by error %s: %s", exc.status_code, exc.message)
             yield sse_event(exc.body())
@@ -83,5 +119,5 @@ class EventStreamResponse(Response):
             watcher.cancel()
 
 
-def sse_response(chunks: AsyncIterator[BaseModel | dict[str, Any]]) -> EventStreamResponse:
+def sse_response(chunks: AsyncIterator[BaseModel | dict[str, Any] | str]) -> EventStreamResponse:
     return EventStreamResponse(sse_stream(chunks))

@@ -10,6 +10,7 @@ import logging
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic_core import PydanticSerializationError
 
 from adapter.app import create_app
 from adapter.engine import EngineChunk, GenerationParams
@@ -20,9 +21,17 @@ from adapter.errors import (
     openai_error,
     param_from_loc,
 )
-from adapter.protocol import ChatCompletionRequest, CompletionRequest
+from adapter.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionStreamChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponseChoice,
+    DeltaMessage,
+)
 from adapter.settings import Settings
-from adapter.sse import DONE, sse_event
+from adapter.sse import _PLACEHOLDER, DONE, TextEvents, sse_event
 
 MODEL = "test-model"
 USER = [{"role": "user", "content": "Hi"}]
@@ -467,6 +476,61 @@ def test_openai_error_and_sse_event_format():
         "error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}}
     assert sse_event({"a": "é", "b": [1, 2]}) == 'data: {"a":"é","b":[1,2]}\n\n'
     assert DONE == "data: [DONE]\n\n"
+
+
+def chat_delta(model: str = MODEL):
+    return lambda k, text: ChatCompletionChunk(id="chatcmpl-1", created=1, model=model, system_fingerprint="fp_1",
+                                               choices=[ChatCompletionStreamChoice(index=k,
+                                                                                   delta=DeltaMessage(content=text))])
+
+
+def completion_text(k, text):
+    return CompletionChunk(id="cmpl-1", created=1, model=MODEL, choices=[CompletionResponseChoice(index=k, text=text)])
+
+
+# Every ASCII code point, then non-ASCII: Latin-1 (C1 controls, NBSP), accents, CJK, U+2028/2029, U+FFFD, emoji.
+TEXTS = [chr(c) for c in range(0x80)] + [chr(c) for c in range(0x80, 0x800, 3)] + list("éÅñßü中文字한글") + [
+    "\u2028", "\u2029", "\ufffd", "\ufeff", "\U0001f600", "\U0010ffff", "\ue000",
+    'He said "hi" \\ \n\t\r\x00\x1f\x7f é\u2028中\U0001f600', " world", "", "</script>", "\\u0041",
+]
+
+
+@pytest.mark.parametrize("build", [chat_delta(), completion_text], ids=["chat", "completion"])
+def test_text_events_are_pydantics_bytes(build):
+    events = TextEvents(build)
+    for k in (0, 1, 12):
+        for text in TEXTS:
+            assert events(k, text) == sse_event(build(k, text)), (k, text)
+    assert all(events.templates.values())  # all went through the template, none through the fallback
+    # A lone surrogate (no UTF-8 for it) is pydantic's to refuse, as it was.
+    with pytest.raises(PydanticSerializationError, match="surrogates not allowed"):
+        events(0, "a\ud800")
+
+
+def test_text_events_fall_back_to_pydantic_when_the_placeholder_is_not_once_in_the_event():
+    for model, templated in ((_PLACEHOLDER, False), (f'm"{_PLACEHOLDER}', False), (f"m{_PLACEHOLDER}", True)):
+        build = chat_delta(model)
+        events = TextEvents(build)
+        assert events(0, 'a"é') == sse_event(build(0, 'a"é')) and (events.templates[0] is not None) == templated
+
+
+@pytest.mark.parametrize(("path", "body", "model"), [
+    ("/v1/chat/completions", {"messages": USER}, ChatCompletionChunk),
+    ("/v1/completions", {"prompt": "x"}, CompletionChunk),
+])
+def test_n_streams_are_pydantics_events(client, engine, path, body, model):
+    engine.chunks = [EngineChunk(text='Hé"\n', token_ids=[1], num_input_tokens=1, num_output_tokens=1),
+                     EngineChunk(text="\u2028中", token_ids=[2], num_input_tokens=1, num_output_tokens=2,
+                                 finish_reason="stop")]
+    text = client.post(path, json={"model": MODEL, **body, "n": 2, "stream": True,
+                                   "stream_options": {"include_usage": True}}).text
+    events = text.split("\n\n")[:-2]
+    assert len(events) >= 5 and all(e == sse_event(model.model_validate_json(e[len("data: "):]))[:-2] for e in events)
+    texts = {0: "", 1: ""}
+    for event in sse_events(text)[:-1]:
+        (choice,) = event["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "") if "delta" in choice else choice["text"]
+    assert texts == {0: 'Hé"\n\u2028中', 1: 'Hé"\n\u2028中'}
 
 
 def test_unknown_route_uses_the_envelope(client):
