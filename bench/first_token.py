@@ -14,13 +14,13 @@ in-process floor, and each process's CPU per request. Writes bench/results/first
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import statistics
 
 from bench.serve_load import Prompts, bench_cache, in_process_load, run_level, write_results
 from bench.stack_layers import grpc_level, stack_cpu
+from bench.sse import run_clients
 
 PROMPT_TOKENS = 128
 PARTS = ("client", "adapter", "tritonserver", "engine relay")
@@ -43,8 +43,8 @@ def main() -> None:
     engine = SyntheticEngine(max_batch_size=4, max_seq_len=PROMPT_TOKENS + 64)
     paths = {
         "synthetic engine in-process": lambda: in_process_load(engine, prompts, 1, 1, n),
-        "gRPC to tensorrt_llm": lambda: asyncio.run(grpc_level(stack.grpc_url, "tensorrt_llm", prompts, 1, 1, n)),
-        "HTTP to the adapter": lambda: asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompts, 1, 1,
+        "gRPC to tensorrt_llm": lambda: run_clients(grpc_level(stack.grpc_url, "tensorrt_llm", prompts, 1, 1, n)),
+        "HTTP to the adapter": lambda: run_clients(run_level(stack.openai_base_url, stack.model_name, prompts, 1, 1,
                                                              True, n)),
     }
     runs: dict[str, list[dict]] = {name: [] for name in paths}

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from bench.serve_load import Prompts, bench_cache, write_results
-from bench.sse import client_session
+from bench.sse import client_session, run_clients
 
 OUTPUT_TOKENS = 8
 
@@ -75,7 +75,7 @@ def main() -> None:
         service = {stack.process.pid} | descendants(stack.process.pid)
         idle = {pid: peak_rss_mib(pid) for pid in service}
         start = time.perf_counter()
-        asyncio.run(fill(url, model, prompts, args.concurrency))
+        run_clients(fill(url, model, prompts, args.concurrency))
         seconds = time.perf_counter() - start
         full = {pid: peak_rss_mib(pid) for pid in service}
     finally:

@@ -11,7 +11,6 @@ both stacks see the same messages. Writes bench/results/prefix_reuse.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ import aiohttp
 import httpx
 
 from bench.serve_load import RESULTS, bench_cache
-from bench.sse import client_session, sse_chunks
+from bench.sse import client_session, run_clients, sse_chunks
 
 ANSWER_TOKENS = 32
 CONTEXT = 4096
@@ -108,17 +107,17 @@ def main() -> None:
         urls = {name: stack.openai_base_url for name, stack in stacks.items()}
         model = httpx.get(f"{urls['reuse']}/models").json()["data"][0]["id"]
         warm_up = [[{"role": "user", "content": "Hello."}]]
-        asyncio.run(compare(urls, model, warm_up, follow_ups=False))
+        run_clients(compare(urls, model, warm_up, follow_ups=False))
 
         system = {"role": "system", "content": "You answer questions about rain gauges. " + facts(8, "the valley")}
         turns = [[system, {"role": "user", "content": f"What does station {i + 1} record in spring?"}]
                  if i == 0 else [{"role": "user", "content": f"And station {i + 1}?"}] for i in range(args.turns)]
-        chat = asyncio.run(compare(urls, model, turns, follow_ups=True))
+        chat = run_clients(compare(urls, model, turns, follow_ups=True))
 
         document = facts(args.document_facts, "the plateau")
         questions = [[{"role": "user", "content": f"{document}\n\nHow deep is the well of station {q}?"}]
                      for q in (3, 14, 27, 41, 55)]
-        qa = asyncio.run(compare(urls, model, questions, follow_ups=False))
+        qa = run_clients(compare(urls, model, questions, follow_ups=False))
     finally:
         for stack in stacks.values():
             stop_stack(stack)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.sse import client_session, sse_chunks
+from bench.sse import client_session, run_clients, sse_chunks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The quick brown fox jumps over the lazy dog. Ünïcödé 日本語 👋"
@@ -76,7 +76,7 @@ def main() -> None:
         stack = start_stack(model_dir, work, ENGINE_KIND="synthetic", ENGINE_STREAM_INTERVAL=str(interval),
                             ENGINE_MAX_BATCH_SIZE=str(args.clients), NIM_MAX_MODEL_LEN=str(args.tokens + 64))
         try:
-            rows[interval] = asyncio.run(measure(stack.openai_base_url, args.clients, args.tokens))
+            rows[interval] = run_clients(measure(stack.openai_base_url, args.clients, args.tokens))
         finally:
             stop_stack(stack)
         print(interval, rows[interval], flush=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.sse import client_session, sse_chunks
+from bench.sse import client_session, run_clients, sse_chunks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NON_STREAM_CONCURRENCY = 16
@@ -156,7 +156,7 @@ def alternating_baselines(url: str, model: str, model_dir: Path, prompts: Prompt
             for n in levels:
                 for stream in (True, False) if n == NON_STREAM_CONCURRENCY else (True,):
                     run = run_level(url, model, prompts, n, output_tokens, stream, rounds)
-                    runs.setdefault(f"{'stream' if stream else 'non-stream'} c={n}", []).append(asyncio.run(run))
+                    runs.setdefault(f"{'stream' if stream else 'non-stream'} c={n}", []).append(run_clients(run))
                 runs.setdefault(f"in-process engine c={n}", []).append(
                     in_process_load(engine, prompts, n, output_tokens, rounds))
     return {f"{name}, median of {BASELINE_PASSES}": median_run(results) for name, results in runs.items()}
@@ -284,9 +284,9 @@ def main() -> None:
     model = httpx.get(f"{url}/models").json()["data"][0]["id"]
     rows = {}
     try:
-        asyncio.run(run_level(url, model, prompts, 2, 8, True, 1))  # warm-up
+        run_clients(run_level(url, model, prompts, 2, 8, True, 1))  # warm-up
         for n in args.concurrency:
-            rows[f"stream c={n}"] = asyncio.run(run_level(url, model, prompts, n, args.output_tokens, True,
+            rows[f"stream c={n}"] = run_clients(run_level(url, model, prompts, n, args.output_tokens, True,
                                                           args.rounds))
             print(n, rows[f"stream c={n}"], flush=True)
         if not args.skip_baselines:

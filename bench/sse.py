@@ -8,9 +8,20 @@ time that is the client's own and not the service's.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
+import uvloop
+
+T = TypeVar("T")
+
+
+def run_clients(main: Coroutine[Any, Any, T]) -> T:
+    """Runs a benchmark's clients on uvloop's event loop, as aiperf runs its own. On asyncio's, one streamed token
+    cost the client 0.31 against 0.26 ms of CPU (5 alternating pairs, paced SYNTHETIC engine): CPU that comes out
+    of the two cores the engine computes on, and so out of the stack's measured times."""
+    return uvloop.run(main)
 
 
 def client_session(connections: int = 100) -> aiohttp.ClientSession:

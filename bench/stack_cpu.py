@@ -20,7 +20,6 @@ Writes bench/results/stack_cpu.md and .json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from bench.serve_load import Prompts, bench_cache, run_level, write_results
 from bench.stack_layers import paired_summary, stack_cpu
+from bench.sse import run_clients
 
 PROMPT_TOKENS = 128
 PARTS = ("client", "adapter", "tritonserver", "engine model")
@@ -65,12 +65,12 @@ def main() -> None:
         for side, (repo, env) in sides.items():
             stacks[side] = start_paced_stack(model_dir, repo, f"bench-stack-cpu-{len(stacks)}", args.step_ms, env)
         for stack in stacks.values():  # warm-up
-            asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompts, 1, args.output_tokens, True, 1))
+            run_clients(run_level(stack.openai_base_url, stack.model_name, prompts, 1, args.output_tokens, True, 1))
         for p in range(args.passes):
             for side in (list(stacks) if p % 2 == 0 else list(reversed(stacks))):
                 stack = stacks[side]
                 before = stack_cpu(stack, whole_engine_model=True)
-                result = asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompts, 1,
+                result = run_clients(run_level(stack.openai_base_url, stack.model_name, prompts, 1,
                                                args.output_tokens, True, args.rounds))
                 after = stack_cpu(stack, whole_engine_model=True)
                 result["cpu_ms_per_token"] = {k: 1000 * (after[k] - before.get(k, 0.0)) / tokens for k in after}

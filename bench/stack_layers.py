@@ -44,6 +44,7 @@ from bench.serve_load import (
 from launcher.cpu_cores import split_cores
 from launcher.serve import descendants
 from launcher.stack_process import Stack
+from bench.sse import run_clients
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LAYERS = {  # --layers id -> the layer's name in the results
@@ -195,13 +196,13 @@ def main() -> None:
         os.sched_setaffinity(0, other_cores)  # the client, as the launcher confines the service's other threads
     model = stack.model_name
     passes = {  # layer id -> (one pass, the stack whose CPU it counts)
-        "grpc-engine": (lambda: asyncio.run(grpc_level(stack.grpc_url, "tensorrt_llm", prompts, n, out, rounds)),
+        "grpc-engine": (lambda: run_clients(grpc_level(stack.grpc_url, "tensorrt_llm", prompts, n, out, rounds)),
                         stack),
-        "grpc-ensemble": (lambda: asyncio.run(grpc_level(stack.grpc_url, "ensemble", prompts, n, out, rounds)),
+        "grpc-ensemble": (lambda: run_clients(grpc_level(stack.grpc_url, "ensemble", prompts, n, out, rounds)),
                           stack),
-        "http-ensemble": (lambda: asyncio.run(run_level(via_ensemble.openai_base_url, model, prompts, n, out, True,
+        "http-ensemble": (lambda: run_clients(run_level(via_ensemble.openai_base_url, model, prompts, n, out, True,
                                                         rounds)), via_ensemble),
-        "http": (lambda: asyncio.run(run_level(stack.openai_base_url, model, prompts, n, out, True, rounds)), stack),
+        "http": (lambda: run_clients(run_level(stack.openai_base_url, model, prompts, n, out, True, rounds)), stack),
     }
     layers = {LAYERS[key]: passes[key] for key in LAYERS if key in chosen}
     runs: dict[str, list[dict]] = {}

@@ -15,10 +15,10 @@ stack with next to no per-token traffic. Not part of `make bench`: it is the mea
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from bench.serve_load import (Prompts, bench_cache, in_process_load, load_context, median_run, run_level,
                               runs_table, start_load_stack, write_results)
+from bench.sse import run_clients
 
 
 def main() -> None:
@@ -46,10 +46,10 @@ def main() -> None:
             stack = start_load_stack(model_dir, bench_cache(f"bench-traffic-{interval}"), args.concurrency,
                                      args.input_tokens, args.output_tokens, ENGINE_STREAM_INTERVAL=str(interval))
             stacks[interval] = stack
-            asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompts, 2, 8, True, 1))  # warm-up
+            run_clients(run_level(stack.openai_base_url, stack.model_name, prompts, 2, 8, True, 1))  # warm-up
         for _ in range(args.passes):
             for interval, stack in stacks.items():
-                run = asyncio.run(run_level(stack.openai_base_url, stack.model_name, prompts, args.concurrency,
+                run = run_clients(run_level(stack.openai_base_url, stack.model_name, prompts, args.concurrency,
                                             args.output_tokens, True, 1))
                 name = f"stream c={args.concurrency}, engine stream_interval {interval or 'auto'}"
                 runs.setdefault(name, []).append(run)
