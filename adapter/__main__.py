@@ -24,6 +24,7 @@ def main() -> None:
         host="0.0.0.0",
         port=settings.server_port,
         log_config=None,  # our handlers, one line per event
+        access_log=False,  # ours, at each response's end (adapter.middleware.AccessLogMiddleware)
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=5,
     )

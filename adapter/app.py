@@ -15,7 +15,7 @@ from adapter import API_VERSION, __version__
 from adapter.engine import Engine
 from adapter.errors import ModelNotFoundError, install_exception_handlers
 from adapter.metrics import CONTENT_TYPE, Metrics
-from adapter.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from adapter.middleware import AccessLogMiddleware, APIKeyMiddleware, BodyLimitMiddleware
 from adapter.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from adapter.serving_base import ServedModel
 from adapter.serving_chat import ChatRenderer, OpenAIServingChat
@@ -187,4 +187,5 @@ def create_app(
     keys = settings.resolved_api_keys()
     app.add_middleware(APIKeyMiddleware, keys=keys)
     logger.info("API keys: %s", f"required ({len(keys)} configured)" if keys else "off")
+    app.add_middleware(AccessLogMiddleware)  # outermost of ours: rejected requests are logged too
     return app

@@ -1,5 +1,9 @@
-"""ASGI middleware in front of the routes: API keys, then the request body limit. Their error bodies come from
-`adapter.errors` like every other error.
+"""ASGI middleware in front of the routes: the access log, API keys, then the request body limit. Their error
+bodies come from `adapter.errors` like every other error.
+
+- Access log: one line per request when its response has ended, with its status and duration (a stream's whole
+  length). uvicorn's own access log, off (adapter/__main__.py), writes its line as the response starts: for a
+  streamed completion, on the way to its first token.
 
 - API keys (off when none are configured): `Authorization: Bearer <key>` on every `/v1/` path except
   `/v1/health/...`; keys are compared in constant time and never logged.
@@ -12,12 +16,14 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter.errors import APIError, AuthenticationError, RequestTooLargeError
 
 logger = logging.getLogger("adapter.middleware")
+access_logger = logging.getLogger("adapter.access")
 
 OPEN_PREFIXES = ("/v1/health/",)
 
@@ -31,6 +37,35 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return value
     return None
+
+
+class AccessLogMiddleware:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500  # what Starlette answers for an app that raised before its response started
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            host, port = scope.get("client") or ("-", 0)
+            path = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
+            duration_ms = 1000 * (time.monotonic() - started)
+            access_logger.info('%s:%d - "%s %s HTTP/%s" %d %.1f ms', host, port, scope["method"], path,
+                               scope.get("http_version", "1.1"), status, duration_ms,
+                               extra={"method": scope["method"], "path": path, "status": status,
+                                      "duration_ms": round(duration_ms, 1), "client": f"{host}:{port}"})
 
 
 class APIKeyMiddleware:

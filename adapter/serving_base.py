@@ -113,6 +113,14 @@ async def first_chunk(stream: AsyncIterator[EngineChunk]) -> EngineChunk | None:
     return await anext(stream, None)
 
 
+async def _first_or_error(stream: AsyncIterator[EngineChunk]) -> EngineChunk | None | Exception:
+    """`first_chunk`, with an error returned as `asyncio.gather(..., return_exceptions=True)` returns it."""
+    try:
+        return await first_chunk(stream)
+    except Exception as exc:  # noqa: BLE001 - handed to Generation.start
+        return exc
+
+
 async def chained(first: EngineChunk | None, rest: AsyncIterator[EngineChunk]) -> AsyncIterator[EngineChunk]:
     async with aclosing(rest):  # closing this closes the engine stream (and so cancels its request)
         if first is not None:
@@ -212,7 +220,10 @@ class Generation:
 
     async def start(self) -> None:
         """Wait for every sequence's first answer (see `first_chunk`); on any error, cancel them all."""
-        firsts = await asyncio.gather(*(first_chunk(s) for s in self._streams), return_exceptions=True)
+        if len(self._streams) == 1:  # the usual request: awaited here, not in a task (two more turns of the loop)
+            firsts = [await _first_or_error(self._streams[0])]
+        else:
+            firsts = await asyncio.gather(*(first_chunk(s) for s in self._streams), return_exceptions=True)
         errors = [f for f in firsts if isinstance(f, BaseException)]
         if errors:
             for stream in self._streams:

@@ -728,6 +728,25 @@ def test_api_keys_and_body_limit_middleware(engine, tmp_path):
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
 
 
+def test_the_access_log_has_a_line_per_request_when_its_response_ends(engine, caplog):
+    app = create_app(Settings(served_model_name=MODEL, api_keys="key-one"), engine=engine, tokenizer=FakeTokenizer(),
+                     render=fake_render)
+    key = {"Authorization": "Bearer key-one"}
+    with TestClient(app) as c, caplog.at_level(logging.INFO, logger="adapter.access"):
+        c.post("/v1/completions", json={"model": MODEL, "prompt": "x"})  # no key: 401
+        with c.stream("POST", "/v1/chat/completions?trace=1", headers=key,
+                      json={"model": MODEL, "messages": USER, "stream": True}) as reply:
+            for _ in reply.iter_lines():
+                assert [r.getMessage() for r in caplog.records][1:] == [], "logged before the stream ended"
+        c.post("/v1/completions", json={"model": "other", "prompt": "x"}, headers=key)
+    records = [r for r in caplog.records if r.name == "adapter.access"]
+    assert [(r.method, r.path, r.status) for r in records] == [
+        ("POST", "/v1/completions", 401), ("POST", "/v1/chat/completions?trace=1", 200),
+        ("POST", "/v1/completions", 404)]
+    assert '"POST /v1/chat/completions?trace=1 HTTP/1.1" 200' in records[1].getMessage()
+    assert all(r.duration_ms >= 0 for r in records)
+
+
 def test_engine_gauges_parse_and_settings_urls(monkeypatch):
     from adapter.metrics import parse_engine_gauges
 
