@@ -14,6 +14,7 @@ with the same request id is sent to the engine model, as TensorRT-LLM's backend 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
@@ -119,6 +120,9 @@ def stop_request_inputs() -> Tensors:
     }
 
 
+_triton_dtype = functools.cache(np_to_triton_dtype)  # tritonclient's is a chain of dtype comparisons
+
+
 def infer_request(
     model_name: str, request_id: str, tensors: Tensors, outputs: tuple[str, ...] = ()
 ) -> service_pb2.ModelInferRequest:
@@ -130,7 +134,7 @@ def infer_request(
     for name, array in tensors.items():
         tensor = request.inputs.add()
         tensor.name = name
-        tensor.datatype = np_to_triton_dtype(array.dtype)
+        tensor.datatype = _triton_dtype(array.dtype)
         tensor.shape.extend(array.shape)
         if array.dtype == np.object_:
             raw = serialize_byte_tensor(array)  # a 0-d object array holding the encoded bytes

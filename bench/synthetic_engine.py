@@ -102,5 +102,6 @@ class SyntheticEngine:
                     with self._cv:
                         del self._live[request.id]
             self._step += 1
-            if self.step_s:
+            if self.step_s and self._live:  # with nothing left running there is no next step to pace: a new
+                # request starts at once, as it would on an idle engine
                 time.sleep(max(0.0, step_started + self.step_s - time.monotonic()))

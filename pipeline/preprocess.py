@@ -74,7 +74,7 @@ class Preprocessor:
         }
 
     def _prompt_ids(self, inputs: Tensors) -> list[int]:
-        token_ids = [int(t) for t in vector(inputs, "INPUT_TOKEN_IDS")]
+        token_ids = vector(inputs, "INPUT_TOKEN_IDS")  # Python ints already
         if token_ids:
             vocab_size = self.tokenizer.vocab_size
             if min(token_ids) < 0 or max(token_ids) >= vocab_size:
