@@ -51,6 +51,22 @@ async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+# The generation routes first: FastAPI tries a request's path against the routes in order (twice: the app's routes,
+# then this router's), ~35 us of every completion when they came last (in-process, warm).
+@router.post("/v1/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest, raw: Request, serving: OpenAIServingChat = Depends(_chat)
+) -> Response:
+    return await serving.create(body, raw)
+
+
+@router.post("/v1/completions")
+async def create_completion(
+    body: CompletionRequest, raw: Request, serving: OpenAIServingCompletion = Depends(_completion)
+) -> Response:
+    return await serving.create(body, raw)
+
+
 @router.get("/v1/health/live")
 async def health_live() -> dict:
     return {"status": "live"}
@@ -88,20 +104,6 @@ async def metadata(model: ServedModel = Depends(_model)) -> dict:
 @router.get("/v1/version")
 async def version() -> dict:
     return {"release": __version__, "api": API_VERSION}
-
-
-@router.post("/v1/chat/completions")
-async def create_chat_completion(
-    body: ChatCompletionRequest, raw: Request, serving: OpenAIServingChat = Depends(_chat)
-) -> Response:
-    return await serving.create(body, raw)
-
-
-@router.post("/v1/completions")
-async def create_completion(
-    body: CompletionRequest, raw: Request, serving: OpenAIServingCompletion = Depends(_completion)
-) -> Response:
-    return await serving.create(body, raw)
 
 
 def _card(model: ServedModel) -> ModelCard:
