@@ -9,14 +9,16 @@ to /v1/completions with `ignore_eos`, asks for --output-tokens tokens, and strea
 time to first token p50/p99, inter-token latency p50, output tokens/s and requests/s. Baselines in the same
 run: the CPU engine driven in-process on the same load (what the adapter and Triton add, at concurrency 1 and 16)
 and non-streamed requests at concurrency 16 (what streaming costs), each run in turn with the stack's streamed
-run three times and reported as each side's median run; and transformers' continuous batching
-(`generate_batch`) on the same checkpoint.
+run --baseline-passes times and reported as each side's median run and as paired ratios (each pass's streamed
+run against the baselines of the same pass, so the machine's drift cancels out); and transformers' continuous
+batching (`generate_batch`) on the same checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -35,7 +37,14 @@ from bench.sse import client_session, run_clients, sse_chunks
 RESULTS = Path(__file__).resolve().parent / "results"
 NON_STREAM_CONCURRENCY = 16
 BASELINE_LEVELS = [1, NON_STREAM_CONCURRENCY]
-BASELINE_PASSES = 3
+PAIRED = "paired ratios"  # the results' entry of PAIRED_RATIOS, by what each measures
+# (what the ratio measures, the streamed run, the baseline it is divided by): one paired ratio per pass.
+PAIRED_RATIOS = (
+    (f"streaming against non-streaming, c={NON_STREAM_CONCURRENCY}", f"stream c={NON_STREAM_CONCURRENCY}",
+     f"non-stream c={NON_STREAM_CONCURRENCY}"),
+    *((f"the stack against the in-process engine, c={n}", f"stream c={n}", f"in-process engine c={n}")
+      for n in BASELINE_LEVELS),
+)
 
 
 @dataclass
@@ -134,7 +143,10 @@ async def run_level(url: str, model: str, prompts: Prompts, concurrency: int, ou
         start = time.perf_counter()
         results = await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return summarize([t for per_worker in results for t in per_worker], wall)
+    summary = summarize([t for per_worker in results for t in per_worker], wall)
+    if not stream:
+        del summary["itl_p50_ms"]  # one response: no tokens in between
+    return summary
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -142,24 +154,45 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def alternating_baselines(url: str, model: str, model_dir: Path, prompts: Prompts, levels: list[int],
-                          output_tokens: int, rounds: int) -> dict:
+                          output_tokens: int, rounds: int, passes: int) -> dict[str, list[dict]]:
     """At each level, the stack streaming, the stack not streaming (at NON_STREAM_CONCURRENCY) and the engine
-    in-process, one after another, BASELINE_PASSES times; each side's median run. On this shared 2-core
-    machine one run can be 15% off either way from noise alone, so single runs in sequence compare noise."""
+    in-process, one after another, `passes` times, every other pass in reverse order so that a drift within a
+    pass favours no side; every run by name, in pass order. On this shared 2-core machine one run can be 15% off
+    either way from noise alone, so single runs in sequence compare noise."""
     from engine import Engine
 
-    runs: dict[str, list[dict]] = {}
+    def through_stack(concurrency: int, stream: bool) -> dict:
+        return run_clients(run_level(url, model, prompts, concurrency, output_tokens, stream, rounds))
+
     context = load_context(prompts.length, output_tokens)
     with Engine(model_dir, max_batch_size=max(levels), max_seq_len=context) as engine:
         in_process_load(engine, prompts, 2, 8, 1)  # warm-up, as the stack had
-        for _ in range(BASELINE_PASSES):
-            for n in levels:
-                for stream in (True, False) if n == NON_STREAM_CONCURRENCY else (True,):
-                    run = run_level(url, model, prompts, n, output_tokens, stream, rounds)
-                    runs.setdefault(f"{'stream' if stream else 'non-stream'} c={n}", []).append(run_clients(run))
-                runs.setdefault(f"in-process engine c={n}", []).append(
-                    in_process_load(engine, prompts, n, output_tokens, rounds))
-    return {f"{name}, median of {BASELINE_PASSES}": median_run(results) for name, results in runs.items()}
+        one_pass = []  # (name, run)
+        for n in levels:
+            for stream in (True, False) if n == NON_STREAM_CONCURRENCY else (True,):
+                one_pass.append((f"{'stream' if stream else 'non-stream'} c={n}",
+                                 functools.partial(through_stack, n, stream)))
+            one_pass.append((f"in-process engine c={n}",
+                             functools.partial(in_process_load, engine, prompts, n, output_tokens, rounds)))
+        runs: dict[str, list[dict]] = {name: [] for name, _ in one_pass}
+        for p in range(passes):
+            for name, run in one_pass if p % 2 == 0 else reversed(one_pass):
+                runs[name].append(run())
+    return runs
+
+
+def paired_ratios(runs: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Each PAIRED_RATIOS entry's output tok/s ratios, one per pass: 0.97 is 3% behind its baseline."""
+    return {what: [a["output_tok_s"] / b["output_tok_s"] for a, b in zip(runs[streamed], runs[baseline])]
+            for what, streamed, baseline in PAIRED_RATIOS if streamed in runs and baseline in runs}
+
+
+def paired_table(ratios: dict[str, list[float]]) -> list[str]:
+    """Markdown lines: each paired ratio's median over the passes, and its lowest and highest pass."""
+    lines = ["| paired by pass (output tok/s) | median | lowest pass | highest pass |", "|---|---|---|---|"]
+    for what, values in ratios.items():
+        lines.append(f"| {what} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
+    return lines
 
 
 def in_process_load(engine, prompts: Prompts, concurrency: int, output_tokens: int, rounds: int) -> dict:
@@ -235,9 +268,11 @@ def load_context(input_tokens: int, output_tokens: int) -> int:
 
 
 def metric_cells(r: dict) -> str:
-    """A results row's TTFT p50 / p99, ITL p50, output tok/s and req/s table cells."""
-    nan = float("nan")
-    return (f"{r.get('ttft_p50_ms', nan):.0f} | {r.get('ttft_p99_ms', nan):.0f} | {r.get('itl_p50_ms', nan):.1f} | "
+    """A results row's TTFT p50 / p99, ITL p50, output tok/s and req/s table cells; blank where a run has none."""
+    def cell(key: str, digits: int) -> str:
+        return f"{r[key]:.{digits}f}" if key in r else ""
+
+    return (f"{cell('ttft_p50_ms', 0)} | {cell('ttft_p99_ms', 0)} | {cell('itl_p50_ms', 1)} | "
             f"{r['output_tok_s']:.1f} | {r['requests_s']:.2f}")
 
 
@@ -267,6 +302,8 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=1, help="requests per client at each concurrency")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--baseline-passes", type=int, default=6,
+                        help="how many times the baselines alternate with the stack's streamed runs")
     args = parser.parse_args()
 
     from build.default_model import ensure_default_model
@@ -282,7 +319,7 @@ def main() -> None:
         stack = start_load_stack(model_dir, bench_cache("bench"), top, args.input_tokens, args.output_tokens)
         url = stack.openai_base_url
     model = httpx.get(f"{url}/models").json()["data"][0]["id"]
-    rows = {}
+    rows, baselines = {}, {}
     try:
         run_clients(run_level(url, model, prompts, 2, 8, True, 1))  # warm-up
         for n in args.concurrency:
@@ -290,16 +327,20 @@ def main() -> None:
                                                           args.rounds))
             print(n, rows[f"stream c={n}"], flush=True)
         if not args.skip_baselines:
-            rows.update(alternating_baselines(url, model, model_dir, prompts, BASELINE_LEVELS, args.output_tokens,
-                                              args.rounds))
+            baselines = alternating_baselines(url, model, model_dir, prompts, BASELINE_LEVELS, args.output_tokens,
+                                              args.rounds, args.baseline_passes)
+            rows.update({f"{name}, median of {args.baseline_passes}": median_run(runs)
+                         for name, runs in baselines.items()})
     finally:
         if stack:
             stop_stack(stack)
     if not args.skip_baselines:
         rows["transformers generate_batch c=16"] = transformers_continuous_batching(
             model_dir, prompts, 16, args.output_tokens)
-
-    lines = runs_table(model_dir, args.input_tokens, args.output_tokens, rows)
+        rows[PAIRED] = paired_ratios(baselines)
+    lines = runs_table(model_dir, args.input_tokens, args.output_tokens, {k: v for k, v in rows.items() if k != PAIRED})
+    if PAIRED in rows:
+        lines += ["", *paired_table(rows[PAIRED])]
     # Without its baselines a run is not the README's table: it must not overwrite it.
     write_results("serve_load-partial" if args.skip_baselines else "serve_load", lines, rows)
 
