@@ -15,13 +15,12 @@ import asyncio
 import os
 import platform
 import time
-from pathlib import Path
 
 import aiohttp
 
+from bench.serve_load import bench_cache, write_results
 from bench.sse import client_session, run_clients, sse_chunks
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The quick brown fox jumps over the lazy dog. Ünïcödé 日本語 👋"
 
 
@@ -70,7 +69,7 @@ def main() -> None:
     from launcher.stack_process import start_stack, stop_stack
 
     model_dir = ensure_default_model()  # only its tokenizer is used
-    work = Path(os.environ.get("NIM_CACHE_PATH", Path(__file__).resolve().parent.parent / ".cache")) / "bench-relay"
+    work = bench_cache("bench-relay")
     rows = {}
     for interval in args.stream_interval:
         stack = start_stack(model_dir, work, ENGINE_KIND="synthetic", ENGINE_STREAM_INTERVAL=str(interval),
@@ -81,11 +80,10 @@ def main() -> None:
             stop_stack(stack)
         print(interval, rows[interval], flush=True)
     lines = [f"# SYNTHETIC engine, {platform.machine()}, {os.cpu_count()} cores, {args.clients} streaming clients x "
-             f"{args.tokens} tokens", "", "| engine stream_interval | delivered tokens/s | SSE events/s |", "|---|---|---|"]
+             f"{args.tokens} tokens", "",
+             "| engine stream_interval | delivered tokens/s | SSE events/s |", "|---|---|---|"]
     lines += [f"| {k or 'auto'} | {r['tokens_s']:.0f} | {r['sse_events_s']:.0f} |" for k, r in rows.items()]
-    print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "relay.md").write_text("\n".join(lines) + "\n")
+    write_results("relay", lines, rows)
 
 
 if __name__ == "__main__":
