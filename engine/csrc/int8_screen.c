@@ -6,7 +6,9 @@
 // Weight layout (pack order): [N / 16][K / 4][16][4] bytes, so that one 32-byte load holds 4 consecutive inputs
 // of 8 outputs. vpmaddubsw multiplies them by 4 broadcast activations and adds pairs into int16 (at most
 // 2 * 127 * 127: 7-bit activations never saturate it), vpmaddwd against ones adds the pairs into int32.
-// Each block of 16 outputs (10 KB at K = 640) stays in L1 while every tile of 4 rows passes over it.
+// Each block of 16 outputs (10 KB at K = 640) stays in L1 while every tile of 4 rows passes over it, and
+// those tiles prefetch the next block: 16 / 8 / 4 rows of the default model's screen 25.6 / 15.9 / 11.8 ->
+// 23.6 / 14.1 / 10.0 ms (interleaved). One row streams its weights once, at memory's speed, without it.
 #include <immintrin.h>
 #include <stdint.h>
 
@@ -17,13 +19,14 @@
 
 static inline __attribute__((always_inline)) void tile(int mt, const uint8_t *x, int k_in, const int8_t *wb,
                                                        const int32_t *row_sum, const float *scale, int zero,
-                                                       float *out, int n_out) {
+                                                       float *out, int n_out, const int8_t *next) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     __m256i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int k = 0; k < k_in; k += 4) {
         const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + (size_t)k * NB));
         const __m256i w1 = _mm256_load_si256((const __m256i *)(wb + (size_t)k * NB + 32));
+        if (next) _mm_prefetch((const char *)(next + (size_t)k * NB), _MM_HINT_T0);  // one line a step
 #define STEP(r)                                                                                   \
         if (mt > r) {                                                                             \
             const __m256i xv = _mm256_set1_epi32(*(const int32_t *)(x + (size_t)r * k_in + k));   \
@@ -49,12 +52,12 @@ static inline __attribute__((always_inline)) void tile(int mt, const uint8_t *x,
 
 // `tile` with the row count known at compile time: its branches leave the inner loop.
 static void tile_rows(int mt, const uint8_t *x, int k_in, const int8_t *wb, const int32_t *row_sum,
-                      const float *scale, int zero, float *out, int n_out) {
+                      const float *scale, int zero, float *out, int n_out, const int8_t *next) {
     switch (mt) {
-        case 1: tile(1, x, k_in, wb, row_sum, scale, zero, out, n_out); break;
-        case 2: tile(2, x, k_in, wb, row_sum, scale, zero, out, n_out); break;
-        case 3: tile(3, x, k_in, wb, row_sum, scale, zero, out, n_out); break;
-        default: tile(MR, x, k_in, wb, row_sum, scale, zero, out, n_out);
+        case 1: tile(1, x, k_in, wb, row_sum, scale, zero, out, n_out, next); break;
+        case 2: tile(2, x, k_in, wb, row_sum, scale, zero, out, n_out, next); break;
+        case 3: tile(3, x, k_in, wb, row_sum, scale, zero, out, n_out, next); break;
+        default: tile(MR, x, k_in, wb, row_sum, scale, zero, out, n_out, next);
     }
 }
 
@@ -75,7 +78,7 @@ static void row_chunk(const void *job, int i, float *out) {
     const int first = i * ROW_CHUNK, last = first + ROW_CHUNK < j->blocks ? first + ROW_CHUNK : j->blocks;
     for (int nb = first; nb < last; nb++)
         tile(1, j->x, j->k_in, j->w + (size_t)nb * j->k_in * NB, j->row_sum + nb * NB, j->scale + nb * NB, j->zero,
-             out + (nb - first) * NB, NB);
+             out + (nb - first) * NB, NB, NULL);
 }
 
 // x [m][k_in] u8, rows k_in bytes apart (k_in a multiple of 4); w packed as above (n_out a multiple of 16),
@@ -90,10 +93,11 @@ int int8_screen(const uint8_t *x, int m, int k_in, int n_out, const int8_t *w, c
 #pragma omp parallel for schedule(static)
     for (int nb = 0; nb < n_out / NB; nb++) {
         const int8_t *wb = w + (size_t)nb * k_in * NB;
+        const int8_t *next = nb + 1 < n_out / NB ? wb + (size_t)k_in * NB : NULL;
         for (int m0 = 0; m0 < m; m0 += MR) {
             const int mt = m - m0 < MR ? m - m0 : MR;
             tile_rows(mt, x + (size_t)m0 * k_in, k_in, wb, row_sum + nb * NB, scale + nb * NB, zero,
-                 out + (size_t)m0 * n_out + nb * NB, n_out);
+                      out + (size_t)m0 * n_out + nb * NB, n_out, next);
         }
     }
     return 0;
