@@ -90,7 +90,9 @@ int int8_screen(const uint8_t *x, int m, int k_in, int n_out, const int8_t *w, c
         const RowJob job = {x, w, row_sum, scale, k_in, zero, n_out / NB};
         return chunk_loop(out, n_out, ROW_CHUNK * NB, row_chunk, &job, sizeof job);
     }
-#pragma omp parallel for schedule(static)
+    // 64 blocks (640 KB of weights) at a time: a thread held up leaves its share to the other (int8_linear.c).
+    // 16 / 8 rows 25.3 / 16.3 -> 24.0 / 15.7 ms (shuffled order; 4 rows the same).
+#pragma omp parallel for schedule(dynamic, 64)
     for (int nb = 0; nb < n_out / NB; nb++) {
         const int8_t *wb = w + (size_t)nb * k_in * NB;
         const int8_t *next = nb + 1 < n_out / NB ? wb + (size_t)k_in * NB : NULL;
