@@ -154,7 +154,7 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def alternating_baselines(url: str, model: str, model_dir: Path, prompts: Prompts, levels: list[int],
-                          output_tokens: int, rounds: int, passes: int) -> dict[str, list[dict]]:
+                          output_tokens: int, rounds: int, passes: int, slots: int) -> dict[str, list[dict]]:
     """At each level, the stack streaming, the stack not streaming (at NON_STREAM_CONCURRENCY) and the engine
     in-process, one after another, `passes` times, every other pass in reverse order so that a drift within a
     pass favours no side; every run by name, in pass order. On this shared 2-core machine one run can be 15% off
@@ -165,7 +165,8 @@ def alternating_baselines(url: str, model: str, model_dir: Path, prompts: Prompt
         return run_clients(run_level(url, model, prompts, concurrency, output_tokens, stream, rounds))
 
     context = load_context(prompts.length, output_tokens)
-    with Engine(model_dir, max_batch_size=max(levels), max_seq_len=context) as engine:
+    # As many cache slots as the served engine (start_load_stack), so that the pairs differ in the stack alone.
+    with Engine(model_dir, max_batch_size=slots, max_seq_len=context) as engine:
         in_process_load(engine, prompts, 2, 8, 1)  # warm-up, as the stack had
         one_pass = []  # (name, run)
         for n in levels:
@@ -328,7 +329,7 @@ def main() -> None:
             print(n, rows[f"stream c={n}"], flush=True)
         if not args.skip_baselines:
             baselines = alternating_baselines(url, model, model_dir, prompts, BASELINE_LEVELS, args.output_tokens,
-                                              args.rounds, args.baseline_passes)
+                                              args.rounds, args.baseline_passes, slots=top)
             rows.update({f"{name}, median of {args.baseline_passes}": median_run(runs)
                          for name, runs in baselines.items()})
     finally:
