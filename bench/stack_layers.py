@@ -1,7 +1,7 @@
 """Where the serving stack's time goes at one stream: the same load through each layer in turn, with the
 in-process engine in the same run, and each process's CPU per delivered token.
 
-    .venv/bin/python -m bench.stack_layers [--passes 6] [--rounds 2] [--concurrency 1] [--layers http,...]
+    .venv/bin/python -m bench.stack_layers [--passes 6] [--rounds 2] [--concurrency 1] [--layers http,...] [--slots N]
 
 Layers: the CPU engine driven in-process (the floor); a gRPC client streaming from Triton's `tensorrt_llm` model
 directly (Triton and the engine's Python-backend host); the same client streaming from the `ensemble` (adds
@@ -14,7 +14,9 @@ and as the median (and quartiles) of its passes' ratios to the in-process pass o
 drift cancels out of a pair. `--layers` picks some of grpc-engine, grpc-ensemble,
 http-ensemble and http (default: all). Prompts are distinct (`serve_load.Prompts`), 128 tokens in and out with
 ignore_eos, as in bench.serve_load. With `--output-tokens 1` (results in stack_layers-c1-out1.md) a pass is only
-first tokens: `--output-tokens 1 --rounds 1 --passes 30 --layers grpc-engine,http` pairs 30 of them.
+first tokens: `--output-tokens 1 --rounds 1 --passes 30 --layers grpc-engine,http` pairs 30 of them. `--slots`
+gives the served and the in-process engine that many cache slots (default: the concurrency, at least 2), as
+bench.serve_load serves 32 for its c=32 level (results in stack_layers-c<N>-slots<S>.md).
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ def main() -> None:
     parser.add_argument("--input-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS)
     parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated, of: " + ", ".join(LAYERS))
+    parser.add_argument("--slots", type=int, help="cache slots of both engines (default: the concurrency, at least 2)")
     parser.add_argument("--engine-cores", default="", help="ENGINE_CPU_CORES for the stack and the in-process "
                         "engine (e.g. 0); this benchmark's client then runs on the other cores")
     args = parser.parse_args()
@@ -186,11 +189,12 @@ def main() -> None:
     model_dir = (args.model_dir or ensure_default_model()).resolve()
     prompts = Prompts(model_dir, args.input_tokens)
     n, out, rounds = args.concurrency, args.output_tokens, args.rounds
+    slots = args.slots or max(n, 2)
     engine_cores, other_cores = split_cores(args.engine_cores) if args.engine_cores else (None, None)
     cores_env = {"ENGINE_CPU_CORES": args.engine_cores} if args.engine_cores else {}
-    stack = start_load_stack(model_dir, bench_cache("bench"), max(n, 2), args.input_tokens, out, **cores_env)
+    stack = start_load_stack(model_dir, bench_cache("bench"), slots, args.input_tokens, out, **cores_env)
     # The same service with every request through Triton's ensemble, the adapter's default before.
-    via_ensemble = (start_load_stack(model_dir, bench_cache("bench-ensemble"), max(n, 2), args.input_tokens, out,
+    via_ensemble = (start_load_stack(model_dir, bench_cache("bench-ensemble"), slots, args.input_tokens, out,
                                      NIM_PIPELINE_IN_ADAPTER="0", **cores_env) if "http-ensemble" in chosen else None)
     if engine_cores:  # now that the stacks started with every core (launcher/cpu_cores.py)
         os.sched_setaffinity(0, other_cores)  # the client, as the launcher confines the service's other threads
@@ -207,7 +211,7 @@ def main() -> None:
     layers = {LAYERS[key]: passes[key] for key in LAYERS if key in chosen}
     runs: dict[str, list[dict]] = {}
     try:
-        with Engine(model_dir, max_batch_size=max(n, 2), max_seq_len=load_context(prompts.length, out),
+        with Engine(model_dir, max_batch_size=slots, max_seq_len=load_context(prompts.length, out),
                     cpu_cores=engine_cores) as engine:
             layers = {IN_PROCESS: (lambda: in_process_load(engine, prompts, n, out, rounds), stack), **layers}
             for run, _ in layers.values():  # warm-up
@@ -228,6 +232,7 @@ def main() -> None:
     # Named apart from the default load's table: a run of one output token measures first tokens alone.
     suffix = f"-out{out}" if out != DEFAULT_OUTPUT_TOKENS else ""
     suffix += f"-engine-cores-{args.engine_cores}" if args.engine_cores else ""
+    suffix += f"-slots{slots}" if args.slots else ""
     write_results(f"stack_layers-c{n}{suffix}", layers_table(model_dir, args, runs), runs)
 
 
@@ -251,6 +256,7 @@ def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str
     floor = median(IN_PROCESS, "e2e_p50_s")
     parts = ["client", "adapter", "tritonserver", "postprocessing", "engine relay"]
     cores = f", the engine on cores {args.engine_cores} (ENGINE_CPU_CORES)" if args.engine_cores else ""
+    cores += f", {args.slots} cache slots in each engine" if args.slots else ""
     lines = [f"# {platform.machine()}, {os.cpu_count()} cores{cores}, model {model_dir.name}, {args.input_tokens} in "
              f"/ {args.output_tokens} out tokens, ignore_eos, concurrency {args.concurrency}, medians of "
              f"{args.passes} interleaved passes of {args.rounds} request(s) per client", "",
