@@ -255,9 +255,9 @@ def layers_table(model_dir: Path, args, runs: dict[str, list[dict]]) -> list[str
 
     floor = median(IN_PROCESS, "e2e_p50_s")
     parts = ["client", "adapter", "tritonserver", "postprocessing", "engine relay"]
-    cores = f", the engine on cores {args.engine_cores} (ENGINE_CPU_CORES)" if args.engine_cores else ""
-    cores += f", {args.slots} cache slots in each engine" if args.slots else ""
-    lines = [f"# {platform.machine()}, {os.cpu_count()} cores{cores}, model {model_dir.name}, {args.input_tokens} in "
+    setup = f", the engine on cores {args.engine_cores} (ENGINE_CPU_CORES)" if args.engine_cores else ""
+    setup += f", {args.slots} cache slots in each engine" if args.slots else ""
+    lines = [f"# {platform.machine()}, {os.cpu_count()} cores{setup}, model {model_dir.name}, {args.input_tokens} in "
              f"/ {args.output_tokens} out tokens, ignore_eos, concurrency {args.concurrency}, medians of "
              f"{args.passes} interleaved passes of {args.rounds} request(s) per client", "",
              "| layer | TTFT p50 ms | ITL p50 ms | e2e p50 s | behind in-process | paired: e2e behind, median "
